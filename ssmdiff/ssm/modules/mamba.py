@@ -1,0 +1,191 @@
+"""Mamba-1 mixers: the causal (or reversed) ``Mamba`` block and the bidirectional ``BiMamba`` ("v2" of Vision Mamba).
+
+Parameter names and shapes follow mamba-ssm's ``Mamba`` and Vision Mamba's bimamba v2 (``conv1d_b``, ``x_proj_b``,
+``dt_proj_b``, ``A_b_log``, ``D_b``), so parameter counts equal theirs and their state dicts load.
+
+Flops: the linear layers and the depthwise conv are seen by ``torch.utils.flop_counter.FlopCounterMode``; the scan
+records its own cost (9 * B * L * E * N, one multiply-add = one flop) through ``record_flops`` in the dispatcher.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..ops.selective_scan import selective_scan
+from .conv import depthwise_conv1d
+
+
+def _resolve_dt_rank(dt_rank, d_model: int) -> int:
+    if dt_rank == "auto":
+        return math.ceil(d_model / 16)
+    if isinstance(dt_rank, int) and not isinstance(dt_rank, bool) and dt_rank > 0:
+        return dt_rank
+    raise ValueError(f"dt_rank must be 'auto' or a positive int, got {dt_rank!r}")
+
+
+def _check_positive(**kwargs) -> None:
+    for name, value in kwargs.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def inverse_softplus_dt(n: int, dt_min: float, dt_max: float, dt_init_floor: float) -> torch.Tensor:
+    """Biases b such that softplus(b) is log-uniform in [dt_min, dt_max] (floored at dt_init_floor).
+
+    Mamba's initialisation: the step size starts spread over two orders of magnitude so that channels begin with
+    different memory lengths.
+    """
+    if not (0 < dt_min <= dt_max):
+        raise ValueError(f"need 0 < dt_min <= dt_max, got dt_min={dt_min}, dt_max={dt_max}")
+    dt = torch.exp(torch.rand(n) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+    dt = dt.clamp(min=dt_init_floor)
+    # softplus^-1(y) = y + log(1 - exp(-y)), written with expm1 for accuracy at small y.
+    return dt + torch.log(-torch.expm1(-dt))
+
+
+def _channel_major(weight: torch.Tensor, x_t: torch.Tensor) -> torch.Tensor:
+    """weight (out, in) applied to x_t (batch, in, length) -> (batch, out, length), contiguous.
+
+    torch.matmul would compute this as (x_t^T weight^T)^T and return a transposed view; bmm writes the
+    channel-major result directly (x_t may itself be a transposed view: gemm reads it without a copy).
+    """
+    return torch.bmm(weight.expand(x_t.shape[0], -1, -1), x_t)
+
+
+def _out(out_proj: nn.Linear, y: torch.Tensor) -> torch.Tensor:
+    """out_proj of y (batch, E, length) -> (batch, length, d_model), reading y channel-major without a copy."""
+    out = torch.bmm(y.transpose(1, 2), out_proj.weight.t().expand(y.shape[0], -1, -1))
+    return out if out_proj.bias is None else out + out_proj.bias
+
+
+def _scan_direction(x, z, conv1d: nn.Conv1d, x_proj: nn.Linear, dt_proj: nn.Linear, A_log, D, d_state: int,
+                    reverse: bool):
+    """One direction of Mamba-1 on x, z of shape (batch, E, length); returns y (batch, E, length).
+
+    Layout: the scan reads u, delta, z as contiguous (batch, E, length) and B, C with the state innermost, so
+    delta is produced channel-major and B, C position-major directly by the matmuls; a Linear on transposed views
+    would instead copy every activation once more (a quarter of a block's CPU time, measured).
+    """
+    R = dt_proj.in_features
+    x = F.silu(depthwise_conv1d(x, conv1d.weight, conv1d.bias, reverse=reverse))
+    w_dt, w_B, w_C = torch.split(x_proj.weight, [R, d_state, d_state], dim=0)
+    # dt_proj's bias is applied inside the scan (delta_bias), before the softplus, as mamba-ssm does.
+    dt = _channel_major(dt_proj.weight, _channel_major(w_dt, x))
+    x_t = x.transpose(1, 2)
+    Bm = torch.matmul(x_t, w_B.t()).transpose(1, 2)  # (b, N, l) view of a (b, l, N) tensor
+    Cm = torch.matmul(x_t, w_C.t()).transpose(1, 2)
+    A = -torch.exp(A_log.float())
+    return selective_scan(x, dt, A, Bm, Cm, D.float(), z=z, delta_bias=dt_proj.bias.float(), delta_softplus=True,
+                          reverse=reverse)
+
+
+class Mamba(nn.Module):
+    """Mamba-1 mixer: x (batch, length, d_model) -> (batch, length, d_model).
+
+    in_proj -> (x, z); depthwise conv1d (causal, or anti-causal when ``reverse``) -> SiLU -> x_proj -> (dt, B, C);
+    dt_proj; selective scan with A = -exp(A_log), skip D and gate silu(z); out_proj. ``reverse=True`` scans from the
+    last token to the first, so output t depends only on tokens t..L-1.
+    """
+
+    def __init__(self, d_model: int, d_state: int = 16, d_conv: int = 4, expand: int = 2, dt_rank="auto",
+                 dt_min: float = 1e-3, dt_max: float = 0.1, dt_init_floor: float = 1e-4, conv_bias: bool = True,
+                 bias: bool = False, reverse: bool = False):
+        super().__init__()
+        _check_positive(d_model=d_model, d_state=d_state, d_conv=d_conv, expand=expand)
+        self.d_model = d_model
+        self.d_state = d_state
+        self.d_conv = d_conv
+        self.expand = expand
+        self.d_inner = expand * d_model
+        self.dt_rank = _resolve_dt_rank(dt_rank, d_model)
+        self.reverse = bool(reverse)
+        self._init_args = dict(dt_min=dt_min, dt_max=dt_max, dt_init_floor=dt_init_floor, conv_bias=conv_bias)
+
+        self.in_proj = nn.Linear(d_model, 2 * self.d_inner, bias=bias)
+        self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D = self._make_direction()
+        self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias)
+
+    def _make_direction(self):
+        """Conv, projections and SSM parameters of one scan direction, with Mamba's initialisation."""
+        a = self._init_args
+        E, N, R = self.d_inner, self.d_state, self.dt_rank
+        conv1d = nn.Conv1d(E, E, self.d_conv, groups=E, padding=self.d_conv - 1, bias=a["conv_bias"])
+        x_proj = nn.Linear(E, R + 2 * N, bias=False)
+        dt_proj = nn.Linear(R, E, bias=True)
+        std = R ** -0.5
+        nn.init.uniform_(dt_proj.weight, -std, std)
+        with torch.no_grad():
+            dt_proj.bias.copy_(inverse_softplus_dt(E, a["dt_min"], a["dt_max"], a["dt_init_floor"]))
+        dt_proj.bias._no_reinit = True  # a generic re-initialisation must not zero the dt spread
+        # S4D-real initialisation: A_n = -(n + 1) for every channel.
+        A_log = nn.Parameter(torch.log(torch.arange(1, N + 1, dtype=torch.float32)).repeat(E, 1))
+        A_log._no_weight_decay = True
+        D = nn.Parameter(torch.ones(E))
+        D._no_weight_decay = True
+        return conv1d, x_proj, dt_proj, A_log, D
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if x.dim() != 3 or x.shape[-1] != self.d_model:
+            raise ValueError(f"{type(self).__name__} expects x of shape (batch, length, {self.d_model}), "
+                             f"got {tuple(x.shape)}")
+
+    def _in(self, x: torch.Tensor):
+        """in_proj to the scan's channel-major layout: u and z as two contiguous (b, E, l) tensors."""
+        x_t = x.transpose(1, 2)
+        w_u, w_z = self.in_proj.weight.chunk(2, dim=0)
+        u, z = _channel_major(w_u, x_t), _channel_major(w_z, x_t)
+        if self.in_proj.bias is not None:
+            b_u, b_z = self.in_proj.bias.chunk(2)
+            u, z = u + b_u[:, None], z + b_z[:, None]
+        return u, z
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
+        u, z = self._in(x)
+        y = _scan_direction(u, z, self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D, self.d_state,
+                            self.reverse)
+        return _out(self.out_proj, y)
+
+    def extra_repr(self) -> str:
+        return (f"d_model={self.d_model}, d_state={self.d_state}, d_conv={self.d_conv}, expand={self.expand}, "
+                f"dt_rank={self.dt_rank}, reverse={self.reverse}")
+
+
+class BiMamba(Mamba):
+    """Bidirectional Mamba-1, Vision Mamba's "v2": x (batch, length, d_model) -> (batch, length, d_model).
+
+    in_proj and out_proj are shared; the backward direction has its own conv1d_b, x_proj_b, dt_proj_b, A_b_log and
+    D_b. out = out_proj(y_fwd + y_bwd) where y_bwd is what Vision Mamba computes on the flipped sequence (and flips
+    back), obtained here with an anti-causal conv and the reverse scan, so no activation is ever flipped.
+    Both directions are always computed, on every device.
+
+    ``divide_out=True`` averages instead of summing (Vision Mamba's ``if_devide_out``, on in its released models);
+    DiS sums, the default here.
+    """
+
+    def __init__(self, d_model: int, d_state: int = 16, d_conv: int = 4, expand: int = 2, dt_rank="auto",
+                 dt_min: float = 1e-3, dt_max: float = 0.1, dt_init_floor: float = 1e-4, conv_bias: bool = True,
+                 bias: bool = False, divide_out: bool = False):
+        super().__init__(d_model, d_state=d_state, d_conv=d_conv, expand=expand, dt_rank=dt_rank, dt_min=dt_min,
+                         dt_max=dt_max, dt_init_floor=dt_init_floor, conv_bias=conv_bias, bias=bias, reverse=False)
+        self.divide_out = bool(divide_out)
+        self.conv1d_b, self.x_proj_b, self.dt_proj_b, self.A_b_log, self.D_b = self._make_direction()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
+        u, z = self._in(x)
+        y = _scan_direction(u, z, self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D, self.d_state, False)
+        y_b = _scan_direction(u, z, self.conv1d_b, self.x_proj_b, self.dt_proj_b, self.A_b_log, self.D_b,
+                              self.d_state, True)
+        y = y + y_b
+        if self.divide_out:
+            y = y * 0.5
+        return _out(self.out_proj, y)
+
+    def extra_repr(self) -> str:
+        return (f"d_model={self.d_model}, d_state={self.d_state}, d_conv={self.d_conv}, expand={self.expand}, "
+                f"dt_rank={self.dt_rank}, bidirectional (v2), divide_out={self.divide_out}")
