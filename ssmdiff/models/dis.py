@@ -1,0 +1,228 @@
+"""DiS: "Scalable Diffusion Models with State Space Backbone" (Fei et al., arXiv 2402.05608).
+
+Every input is a token — [class token (conditional only), time token, image patches] — with a learned absolute
+position table; a U-ViT stack of pre-norm residual blocks (``depth//2`` in, one middle, ``depth//2`` out, the out
+blocks fusing a long skip through Linear(2D, D)) around a bidirectional Mamba mixer; a DiT-like head whose LayerNorm
+is modulated by (time + class) when conditional. Parameter counts equal the reference implementation's.
+
+``mixer="mamba2"`` swaps the bidirectional Mamba-1 mixer for a bidirectional Mamba-2 (SSD) mixer, whose chunked
+matrix-product form is much faster on CPUs and tensor cores.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+from .layers import (
+    no_weight_decay_names,
+    check_inputs,
+    DropPath,
+    FinalLayer,
+    LabelEmbedder,
+    PatchEmbed,
+    RMSNorm,
+    TimestepEmbedder,
+    maybe_checkpoint,
+    unpatchify,
+)
+
+__all__ = ["DiS", "DIS_CONFIGS", "make_mixer"]
+
+# width, depth argument (the stack has depth + 1 blocks), as in the reference code; "T" is a tiny test size.
+DIS_CONFIGS = {
+    "T": dict(hidden_size=128, depth=4),
+    "S": dict(hidden_size=368, depth=24),
+    "B": dict(hidden_size=768, depth=24),
+    "M": dict(hidden_size=768, depth=48),
+    "L": dict(hidden_size=1024, depth=48),
+    "H": dict(hidden_size=1536, depth=48),
+}
+
+
+def make_mixer(kind: str, dim: int, bidirectional: bool, reverse: bool = False, **kwargs) -> nn.Module:
+    """Sequence mixer by name: "mamba" (Mamba-1) or "mamba2" (SSD), one- or two-directional.
+
+    ``reverse`` (one-directional only) scans from the last token to the first without flipping activations.
+    """
+    from ..ssm import modules as ssm_modules
+
+    if kind == "mamba":
+        if bidirectional:
+            return ssm_modules.BiMamba(dim, **kwargs)
+        return ssm_modules.Mamba(dim, reverse=reverse, **kwargs)
+    if kind == "mamba2":
+        kwargs.pop("dt_rank", None)
+        if "headdim" not in kwargs:
+            # Mamba-2's default head width (64) must divide expand * dim; narrower heads for odd widths (DiS-S).
+            inner = kwargs.get("expand", 2) * dim
+            kwargs["headdim"] = next((h for h in (64, 32, 16, 8, 4, 2, 1) if inner % h == 0))
+        if bidirectional:
+            return ssm_modules.Mamba2(dim, bidirectional=True, **kwargs)
+        # reverse=True runs the SSD scan right-to-left natively: no flipped copies.
+        return ssm_modules.Mamba2(dim, reverse=reverse, **kwargs)
+    raise ValueError(f"unknown mixer {kind!r}: choose 'mamba' or 'mamba2'")
+
+
+class DiSBlock(nn.Module):
+    """"Add -> RMSNorm -> mixer" block of mamba-ssm: returns the mixer output and the (fp32) residual stream.
+
+    An out block first fuses the long skip: hidden = Linear(2D, D)(cat[hidden, skip]).
+    """
+
+    def __init__(self, dim: int, mixer: nn.Module, drop_path: float = 0.0, skip: bool = False,
+                 residual_in_fp32: bool = True):
+        super().__init__()
+        self.skip_linear = nn.Linear(2 * dim, dim) if skip else None
+        self.norm = RMSNorm(dim)
+        self.mixer = mixer
+        self.drop_path = DropPath(drop_path)
+        self.residual_in_fp32 = residual_in_fp32
+
+    def forward(self, hidden, residual=None, skip=None):
+        if self.skip_linear is not None:
+            hidden = self.skip_linear(torch.cat([hidden, skip], dim=-1))
+        residual = hidden if residual is None else residual + self.drop_path(hidden)
+        if self.residual_in_fp32:
+            # Summing dozens of bf16 branch outputs loses the small updates; keep the stream in fp32.
+            residual = residual.float()
+        hidden = self.mixer(self.norm(residual).to(hidden.dtype))
+        return hidden, residual
+
+
+class DiS(nn.Module):
+    """Diffusion state-space model. ``forward(x, t, y=None)`` -> (N, out_channels, H, W)."""
+
+    def __init__(
+        self,
+        input_size: int = 32,
+        patch_size: int = 2,
+        in_channels: int = 4,
+        hidden_size: int = 368,
+        depth: int = 24,
+        num_classes: int = 0,
+        learn_sigma: bool = True,
+        class_dropout_prob: float = 0.1,
+        drop_path_rate: float = 0.1,
+        mixer: str = "mamba",
+        d_state: int | None = None,
+        d_conv: int = 4,
+        expand: int = 2,
+        residual_in_fp32: bool = True,
+    ):
+        super().__init__()
+        if input_size % patch_size:
+            raise ValueError(f"input_size {input_size} is not divisible by patch size {patch_size}")
+        if depth < 2 or depth % 2:
+            raise ValueError(f"depth must be an even number >= 2 (blocks = depth + 1), got {depth}")
+        self.input_size = input_size
+        self.patch_size = patch_size
+        self.in_channels = in_channels
+        self.learn_sigma = learn_sigma
+        self.out_channels = 2 * in_channels if learn_sigma else in_channels
+        self.num_classes = num_classes
+        self.grid_size = input_size // patch_size
+        self.num_extra_tokens = 2 if num_classes > 0 else 1
+        self.grad_checkpointing = False
+
+        self.patch_embed = PatchEmbed(patch_size, in_channels, hidden_size)
+        self.time_embed = TimestepEmbedder(hidden_size, freq_dim=hidden_size, mlp_width=4 * hidden_size)
+        self.label_emb = LabelEmbedder(num_classes, hidden_size, class_dropout_prob) if num_classes > 0 else None
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.num_extra_tokens + self.grid_size**2, hidden_size))
+
+        mixer_kwargs = dict(d_conv=d_conv, expand=expand)
+        if d_state is None:
+            d_state = 16 if mixer == "mamba" else 64
+        mixer_kwargs["d_state"] = d_state
+        # Stochastic depth grows linearly over the stack; the first block has none (it starts the residual).
+        rates = [0.0] + [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
+        half = depth // 2
+
+        def block(i, skip=False):
+            return DiSBlock(hidden_size, make_mixer(mixer, hidden_size, bidirectional=True, **mixer_kwargs),
+                            drop_path=rates[i], skip=skip, residual_in_fp32=residual_in_fp32)
+
+        self.in_blocks = nn.ModuleList([block(i) for i in range(half)])
+        self.mid_block = block(half)
+        self.out_blocks = nn.ModuleList([block(half + 1 + i, skip=True) for i in range(half)])
+        self.norm_f = RMSNorm(hidden_size)
+        self.final_drop_path = DropPath(drop_path_rate)
+        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels, conditional=num_classes > 0)
+        self.initialize_weights(depth + 1)
+
+    def initialize_weights(self, n_layers: int) -> None:
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        for m in [self.patch_embed, self.time_embed, self.label_emb, self.final_layer]:
+            if m is None:
+                continue
+            for sub in m.modules():
+                if isinstance(sub, nn.Linear):
+                    nn.init.trunc_normal_(sub.weight, std=0.02)
+                    nn.init.zeros_(sub.bias)
+                elif isinstance(sub, nn.Embedding):
+                    nn.init.normal_(sub.weight, std=0.02)
+        for blk in self.blocks():
+            if blk.skip_linear is not None:
+                nn.init.trunc_normal_(blk.skip_linear.weight, std=0.02)
+                nn.init.zeros_(blk.skip_linear.bias)
+            # GPT-2 scheme used by mamba-ssm: residual-branch outputs scaled by 1/sqrt(#layers) keep the
+            # fp32 residual stream's variance flat over depth.
+            out_proj = getattr(blk.mixer, "out_proj", None)
+            if isinstance(out_proj, nn.Linear):
+                nn.init.kaiming_uniform_(out_proj.weight, a=math.sqrt(5))
+                with torch.no_grad():
+                    out_proj.weight /= math.sqrt(n_layers)
+        self.final_layer.reset_parameters()
+
+    def blocks(self):
+        """The depth + 1 blocks in execution order."""
+        return [*self.in_blocks, self.mid_block, *self.out_blocks]
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names AdamW should not decay (timm convention)."""
+        return no_weight_decay_names(self, ("pos_embed",))
+
+    def position_table_keys(self):
+        """State-dict keys of tables tied to the resolution (resized by ``adapt_state_dict``)."""
+        return ["pos_embed"]
+
+    def resize_position_table(self, key: str, value: torch.Tensor) -> torch.Tensor:
+        """Learned table over [extra tokens, grid]: keep the extra tokens, resize the grid bilinearly."""
+        from .registry import resize_token_table
+
+        return resize_token_table(value, self.num_extra_tokens, self.grid_size)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block in the backward pass instead of storing its activations."""
+        self.grad_checkpointing = bool(enable)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        check_inputs(self, x, t)
+        n = x.shape[0]
+        h = self.patch_embed(x)
+        time_token = self.time_embed(t).unsqueeze(1)
+        tokens = [time_token, h]
+        cond = time_token.squeeze(1)
+        if self.label_emb is not None:
+            label_token = self.label_emb(y, n, x.device).unsqueeze(1)
+            tokens.insert(0, label_token)
+            cond = cond + label_token.squeeze(1)
+        h = torch.cat(tokens, dim=1) + self.pos_embed
+
+        ckpt = self.grad_checkpointing and self.training
+        residual = None
+        skips = []
+        for blk in self.in_blocks:
+            h, residual = maybe_checkpoint(ckpt, blk, h, residual)
+            skips.append(h)
+        h, residual = maybe_checkpoint(ckpt, self.mid_block, h, residual)
+        for blk in self.out_blocks:
+            h, residual = maybe_checkpoint(ckpt, blk, h, residual, skips.pop())
+        residual = residual + self.final_drop_path(h)
+        h = self.norm_f(residual).to(h.dtype)
+
+        h = self.final_layer(h, cond if self.label_emb is not None else None)
+        h = h[:, self.num_extra_tokens:]
+        return unpatchify(h, self.out_channels, self.grid_size, self.grid_size, self.patch_size)
