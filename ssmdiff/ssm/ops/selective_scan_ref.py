@@ -56,10 +56,13 @@ def selective_scan_ref(
     h = u.new_zeros((b, d, A.shape[1]), dtype=torch.float32)
     ys = [None] * length
     order = range(length - 1, -1, -1) if reverse else range(length)
+    # Per-step views come from unbind rather than indexing: the backward of x[..., t] allocates a zero tensor of
+    # x's full size at every step (quadratic in the length), the backward of unbind is one stack.
+    dts, us, Bs, Cs = dt.unbind(-1), uf.unbind(-1), Bf.unbind(-1), Cf.unbind(-1)
     for t in order:
-        dA = torch.exp(dt[:, :, t, None] * Af)
-        h = dA * h + (dt[:, :, t] * uf[:, :, t])[:, :, None] * Bf[:, :, :, t]
-        ys[t] = (h * Cf[:, :, :, t]).sum(-1)
+        dA = torch.exp(dts[t][:, :, None] * Af)
+        h = dA * h + (dts[t] * us[t])[:, :, None] * Bs[t]
+        ys[t] = (h * Cs[t]).sum(-1)
     y = torch.stack(ys, dim=-1) if length > 0 else uf.new_zeros((b, d, 0))
     if D is not None:
         y = y + uf * D.float()[None, :, None]

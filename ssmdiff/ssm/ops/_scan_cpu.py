@@ -1,0 +1,258 @@
+"""Fast CPU selective scan: a small C++ kernel compiled on first use and called through ctypes.
+
+Why not torch.utils.cpp_extension: torch headers make the first build take about a minute, whereas this file has
+no torch dependency and builds in a few seconds with the system compiler. The library is cached under
+``$SSMDIFF_CACHE`` (default ``~/.cache/ssmdiff``) in a file named by a hash of source, flags, compiler and CPU, and
+written atomically (temporary name, then rename) so parallel processes (pytest-xdist, torchrun) never load a
+half-written file. ctypes releases the GIL during the call; the kernel runs its own threads
+(``torch.get_num_threads()`` of them).
+
+The autograd Function saves the inputs plus the state at every ``CHUNK``-th step, (batch, channels, length/CHUNK,
+state) floats, and the backward recomputes states chunk by chunk: nothing of size (batch, length, channels, state)
+is ever allocated.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+from torch.autograd.function import once_differentiable
+
+CHUNK = 64
+_SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "selective_scan_cpu.cpp"
+_ABI_VERSION = 1
+# -ffast-math only when compiling: linking with it would add crtfastmath.o, which flips the whole process into
+# flush-to-zero mode on load (the kernel flushes denormals only inside its own threads).
+_COMPILE_FLAGS = ["-O3", "-march=native", "-ffast-math", "-fPIC", "-std=c++17"]
+_LINK_FLAGS = ["-shared", "-pthread"]
+# OpenMP when the compiler has it (the kernel then runs on the OpenMP pool, torch's own with torch's libgomp);
+# otherwise the same code runs on std::threads.
+_OPENMP_FLAGS = ["-fopenmp"]
+
+_lock = threading.Lock()
+_lib = None
+_load_error: str | None = None
+
+
+class _ScanArgs(ctypes.Structure):
+    _fields_ = (
+        [(name, ctypes.c_int64) for name in
+         ("batch", "dim", "len", "dstate", "groups", "chunk", "softplus", "reverse", "nthreads")]
+        + [(name, ctypes.c_void_p) for name in
+           ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "out", "last_state", "chunk_states", "dout",
+            "du", "ddelta", "dz", "dA_rows", "dD_rows", "dbias_rows", "dB_threads", "dC_threads")]
+    )
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def _cpu_signature() -> str:
+    """-march=native binaries are only valid on a CPU with the same features: key the cache on them."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return line
+    except OSError:
+        pass
+    return platform.processor() + platform.machine()
+
+
+def cache_dir() -> Path:
+    """Directory holding compiled kernels (``$SSMDIFF_CACHE`` or ``~/.cache/ssmdiff``)."""
+    return Path(os.environ.get("SSMDIFF_CACHE") or Path.home() / ".cache" / "ssmdiff")
+
+
+def _build(cxx: str) -> Path:
+    try:
+        return _build_with(cxx, _OPENMP_FLAGS)
+    except RuntimeError:
+        return _build_with(cxx, [])
+
+
+def _build_with(cxx: str, extra: list[str]) -> Path:
+    compile_flags, link_flags = _COMPILE_FLAGS + extra, _LINK_FLAGS + extra
+    source = _SOURCE.read_bytes()
+    version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=60).stdout
+    key = hashlib.sha256(b"\0".join([source, " ".join(compile_flags + link_flags).encode(), version.encode(),
+                                     _cpu_signature().encode()])).hexdigest()[:16]
+    out_dir = cache_dir()
+    target = out_dir / f"selective_scan_cpu_{key}.so"
+    if target.exists():
+        return target
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if not os.access(out_dir, os.W_OK):
+            raise PermissionError(out_dir)
+    except OSError:  # read-only home (some clusters): build per user under the temp dir instead
+        out_dir = Path(tempfile.gettempdir()) / f"ssmdiff-{os.getuid() if hasattr(os, 'getuid') else 'user'}"
+        target = out_dir / target.name
+        if target.exists():
+            return target
+        out_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".build-") as tmp:
+        obj, lib = Path(tmp) / "scan.o", Path(tmp) / "scan.so"
+        for cmd in ([cxx, *compile_flags, "-c", str(_SOURCE), "-o", str(obj)],
+                    [cxx, *link_flags, str(obj), "-o", str(lib)]):
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+            if proc.returncode != 0:
+                raise RuntimeError(f"`{' '.join(cmd)}` failed:\n{proc.stderr[-2000:]}")
+        os.replace(lib, target)  # atomic: a concurrent builder of the same key just overwrites an identical file
+    return target
+
+
+def load_library():
+    """The loaded kernel library, building it if needed; None (after one warning) when it cannot be built."""
+    global _lib, _load_error
+    if _lib is not None or _load_error is not None:
+        return _lib
+    with _lock:
+        if _lib is not None or _load_error is not None:
+            return _lib
+        try:
+            if os.environ.get("SSMDIFF_NO_COMPILE"):
+                raise RuntimeError("SSMDIFF_NO_COMPILE is set")
+            cxx = _compiler()
+            if cxx is None:
+                raise RuntimeError("no C++ compiler found (set CXX or install g++)")
+            lib = ctypes.CDLL(str(_build(cxx)))
+            if lib.ssmdiff_scan_abi_version() != _ABI_VERSION:
+                raise RuntimeError("stale kernel library in the cache")
+            for fn in (lib.ssmdiff_scan_forward, lib.ssmdiff_scan_backward):
+                fn.argtypes = [ctypes.POINTER(_ScanArgs)]
+                fn.restype = None
+            _lib = lib
+        except Exception as exc:  # any failure means "use the PyTorch path", never a crash
+            _load_error = str(exc)
+            warnings.warn(f"ssmdiff: the fast CPU selective scan is unavailable ({exc}); using the slower pure-PyTorch "
+                          f"scan instead", RuntimeWarning, stacklevel=3)
+    return _lib
+
+
+def available() -> bool:
+    """Whether the compiled CPU kernel can be used (builds it on first call)."""
+    return load_library() is not None
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _f32(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.detach().to(torch.float32).contiguous()
+
+
+def _state_last(X: torch.Tensor) -> torch.Tensor:
+    """(b, n, l) or (b, g, n, l) -> float32 (b, g, l, n) contiguous, so one time step's state vector is contiguous."""
+    if X.dim() == 3:
+        X = X.unsqueeze(1)
+    return X.detach().to(torch.float32).transpose(-1, -2).contiguous()
+
+
+def _threads(rows: int, work: int) -> int:
+    # Thread start-up costs tens of microseconds: small scans (tests, tiny models) run on the calling thread.
+    if work < 1 << 16:
+        return 1
+    return max(1, min(torch.get_num_threads(), rows))
+
+
+def _args(u, delta, A, Bt, Ct, D, z, delta_bias, softplus, reverse) -> _ScanArgs:
+    b, d, length = u.shape
+    n = A.shape[1]
+    a = _ScanArgs()
+    a.batch, a.dim, a.len, a.dstate, a.groups, a.chunk = b, d, length, n, Bt.shape[1], CHUNK
+    a.softplus, a.reverse = int(softplus), int(reverse)
+    a.nthreads = _threads(b * d, b * d * length * n)
+    a.u, a.delta, a.A, a.B, a.C = _ptr(u), _ptr(delta), _ptr(A), _ptr(Bt), _ptr(Ct)
+    a.D, a.z, a.delta_bias = _ptr(D), _ptr(z), _ptr(delta_bias)
+    return a
+
+
+def _forward(u, delta, A, Bt, Ct, D, z, delta_bias, softplus, reverse, keep_states: bool):
+    b, d, length = u.shape
+    n = A.shape[1]
+    out = torch.empty((b, d, length), dtype=torch.float32)
+    last = torch.empty((b, d, n), dtype=torch.float32)
+    states = torch.empty((b, d, -(-length // CHUNK), n), dtype=torch.float32) if keep_states else None
+    a = _args(u, delta, A, Bt, Ct, D, z, delta_bias, softplus, reverse)
+    a.out, a.last_state, a.chunk_states = _ptr(out), _ptr(last), _ptr(states)
+    _lib.ssmdiff_scan_forward(ctypes.byref(a))
+    return out, last, states
+
+
+def _inputs_f32(u, delta, A, B, C, D, z, delta_bias):
+    return (_f32(u), _f32(delta), _f32(A), _state_last(B), _state_last(C), _f32(D), _f32(z), _f32(delta_bias))
+
+
+class SelectiveScanCPU(torch.autograd.Function):
+    """Autograd wrapper of the compiled kernel; inputs already validated by ``selective_scan``."""
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, keep):
+        f = _inputs_f32(u, delta, A, B, C, D, z, delta_bias)
+        out, last, states = _forward(*f, delta_softplus, reverse, keep_states=keep)
+        ctx.flags = (delta_softplus, reverse)
+        if keep:
+            ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, states)
+        ctx.mark_non_differentiable(last)
+        return out.to(u.dtype), last
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dout, _dlast):
+        u, delta, A, B, C, D, z, delta_bias, states = ctx.saved_tensors
+        softplus, reverse = ctx.flags
+        f = _inputs_f32(u, delta, A, B, C, D, z, delta_bias)
+        b, d, length = u.shape
+        n = A.shape[1]
+        g = f[3].shape[1]
+        dout = _f32(dout)
+        du, ddelta = torch.empty_like(f[0]), torch.empty_like(f[0])
+        dz = torch.empty_like(f[0]) if z is not None else None
+        dA_rows = torch.empty((b, d, n), dtype=torch.float32)
+        dD_rows = torch.empty((b, d), dtype=torch.float32)
+        dbias_rows = torch.empty((b, d), dtype=torch.float32)
+        a = _args(*f, softplus, reverse)
+        # One dB/dC accumulator per thread: channels of a group write the same (b, g, l, n) entries.
+        dB_thr = torch.zeros((a.nthreads, b, g, length, n), dtype=torch.float32)
+        dC_thr = torch.zeros((a.nthreads, b, g, length, n), dtype=torch.float32)
+        a.chunk_states, a.dout = _ptr(states), _ptr(dout)
+        a.du, a.ddelta, a.dz = _ptr(du), _ptr(ddelta), _ptr(dz)
+        a.dA_rows, a.dD_rows, a.dbias_rows = _ptr(dA_rows), _ptr(dD_rows), _ptr(dbias_rows)
+        a.dB_threads, a.dC_threads = _ptr(dB_thr), _ptr(dC_thr)
+        _lib.ssmdiff_scan_backward(ctypes.byref(a))
+
+        def bc_grad(buf, X):
+            grad = buf.sum(0) if buf.shape[0] > 1 else buf[0]
+            grad = grad.transpose(-1, -2)  # (b, g, n, l)
+            return (grad.squeeze(1) if X.dim() == 3 else grad).to(X.dtype)
+
+        return (du.to(u.dtype), ddelta.to(delta.dtype), dA_rows.sum(0).to(A.dtype), bc_grad(dB_thr, B),
+                bc_grad(dC_thr, C), None if D is None else dD_rows.sum(0).to(D.dtype),
+                None if z is None else dz.to(z.dtype),
+                None if delta_bias is None else dbias_rows.sum(0).to(delta_bias.dtype), None, None, None)
+
+
+def selective_scan_cpu(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, reverse=False):
+    """Compiled CPU scan; returns (out in u.dtype, last state (b, d, n) float32). Requires ``available()``."""
+    if load_library() is None:
+        raise RuntimeError("the compiled CPU scan is unavailable; use the 'torch' backend")
+    # Grad mode is off inside Function.forward, so whether to keep chunk states is decided here.
+    keep = torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                           for t in (u, delta, A, B, C, D, z, delta_bias))
+    return SelectiveScanCPU.apply(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), bool(reverse), keep)
