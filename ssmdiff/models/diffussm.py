@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+from diffusers import ModelMixin  # noqa: F401 - diffusers' pipeline loader looks the base class up here
+from diffusers.configuration_utils import register_to_config
 import torch.nn.functional as F
 
 from .layers import (
@@ -39,6 +41,7 @@ from .layers import (
     no_weight_decay_names,
     unpatchify,
 )
+from .mixin import SSMDiffModelMixin
 
 __all__ = ["DiffuSSM", "DIFFUSSM_CONFIGS"]
 
@@ -87,9 +90,10 @@ class HourglassBiSSMBlock(nn.Module):
         return x + self.drop_path(gate.unsqueeze(1) * self.w_out(o).reshape(n, length, d))
 
 
-class DiffuSSM(nn.Module):
+class DiffuSSM(SSMDiffModelMixin):
     """DiffuSSM backbone. ``forward(x, t, y=None)`` -> (N, out_channels, H, W)."""
 
+    @register_to_config
     def __init__(
         self,
         input_size: int = 32,

@@ -20,6 +20,8 @@ import math
 
 import torch
 import torch.nn as nn
+from diffusers import ModelMixin  # noqa: F401 - diffusers' pipeline loader looks the base class up here
+from diffusers.configuration_utils import register_to_config
 
 from .dis import make_mixer
 from .layers import (
@@ -35,6 +37,7 @@ from .layers import (
     modulate,
     unpatchify,
 )
+from .mixin import SSMDiffModelMixin
 from .scan_orders import (
     dim_layer_directions,
     inverse_permutation,
@@ -114,9 +117,10 @@ class DiMBlock(nn.Module):
         return h + self.drop_path(gate.unsqueeze(1) * out)
 
 
-class DiM(nn.Module):
+class DiM(SSMDiffModelMixin):
     """Diffusion Mamba. ``forward(x, t, y=None)`` -> (N, out_channels, H, W)."""
 
+    @register_to_config
     def __init__(
         self,
         input_size: int = 32,

@@ -15,6 +15,8 @@ import math
 
 import torch
 import torch.nn as nn
+from diffusers import ModelMixin  # noqa: F401 - diffusers' pipeline loader looks the base class up here
+from diffusers.configuration_utils import register_to_config
 
 from .layers import (
     no_weight_decay_names,
@@ -28,6 +30,7 @@ from .layers import (
     maybe_checkpoint,
     unpatchify,
 )
+from .mixin import SSMDiffModelMixin
 
 __all__ = ["DiS", "DIS_CONFIGS", "make_mixer"]
 
@@ -92,9 +95,10 @@ class DiSBlock(nn.Module):
         return hidden, residual
 
 
-class DiS(nn.Module):
+class DiS(SSMDiffModelMixin):
     """Diffusion state-space model. ``forward(x, t, y=None)`` -> (N, out_channels, H, W)."""
 
+    @register_to_config
     def __init__(
         self,
         input_size: int = 32,

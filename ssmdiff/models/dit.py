@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+from diffusers import ModelMixin  # noqa: F401 - diffusers' pipeline loader looks the base class up here
+from diffusers.configuration_utils import register_to_config
 import torch.nn.functional as F
 
 from .layers import (
@@ -24,6 +26,7 @@ from .layers import (
     sincos_pos_embed_2d,
     unpatchify,
 )
+from .mixin import SSMDiffModelMixin
 
 __all__ = ["DiT", "DIT_CONFIGS"]
 
@@ -86,9 +89,10 @@ class DiTBlock(nn.Module):
         return x
 
 
-class DiT(nn.Module):
+class DiT(SSMDiffModelMixin):
     """Diffusion transformer. ``forward(x, t, y=None)`` -> (N, out_channels, H, W)."""
 
+    @register_to_config
     def __init__(
         self,
         input_size: int = 32,

@@ -2,7 +2,8 @@
 
 Names are ``Family-Size/Patch`` ("DiS-H/2", "DiT-XL/2", "DiM-T/1") or ``Family-Size`` for DiffuSSM, which has no
 patchify. Every model carries ``model.config``, a JSON-serialisable dict with which ``create_model(**config)``
-rebuilds the same architecture.
+rebuilds the same architecture. Models are diffusers ``ModelMixin`` s: ``save_pretrained`` / ``from_pretrained``
+(see ``mixin.py``).
 """
 
 from __future__ import annotations
@@ -70,9 +71,14 @@ def create_model(name: str, input_size: int = 32, in_channels: int = 4, num_clas
     for an unconditional model, else the class count (a null class for guidance is added); learn_sigma: output
     2*C channels (prediction + variance interpolation); None takes the family's default (True except DiM, whose
     paper trains without it). ``overrides`` replace constructor arguments (hidden_size, depth, mixer, scan,
-    drop_path_rate, class_dropout_prob, ...). The result has ``model.config`` to rebuild it.
+    drop_path_rate, class_dropout_prob, ...). The result's ``model.config`` (diffusers' frozen config: ``name`` plus
+    every constructor argument) rebuilds it with ``create_model(**model.config)``; keys starting with "_" are
+    ignored, so a saved config.json's content works too.
     """
     cls, kwargs, default_sigma = _parse(name)
+    # A saved config.json (or a loaded model's config) carries diffusers' private keys (_class_name,
+    # _diffusers_version, _name_or_path, ...): bookkeeping, not architecture.
+    overrides = {k: v for k, v in overrides.items() if not k.startswith("_")}
     for arg, value in (("input_size", input_size), ("in_channels", in_channels)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{arg} must be a positive int, got {value!r}")
@@ -87,16 +93,14 @@ def create_model(name: str, input_size: int = 32, in_channels: int = 4, num_clas
         raise ValueError(f"{name} does not accept {sorted(unknown)}; allowed overrides: "
                          f"{sorted(allowed - reserved)}")
     kwargs.update(overrides)
-    model = cls(input_size=input_size, in_channels=in_channels, num_classes=num_classes,
-                learn_sigma=bool(learn_sigma), **kwargs)
-    config = {"name": name, "input_size": input_size, "in_channels": in_channels, "num_classes": num_classes,
-              "learn_sigma": bool(learn_sigma), **overrides}
     try:
-        json.dumps(config)
+        json.dumps(overrides)
     except TypeError as e:
         raise ValueError(f"model overrides must be JSON-serialisable (numbers, strings, lists): {e}") from None
-    model.config = config
-    model.model_name = name
+    model = cls(input_size=input_size, in_channels=in_channels, num_classes=num_classes,
+                learn_sigma=bool(learn_sigma), **kwargs)
+    # model.config is diffusers' frozen config (every constructor argument); the registry name completes it.
+    model._set_registry_name(name)
     return model
 
 
