@@ -9,6 +9,7 @@ from .gaussian import (GaussianDiffusion, approx_standard_normal_cdf, discretize
                        mean_flat, normal_kl)
 from .sampling import DEFAULT_STEPS, FLOW_SAMPLERS, GAUSSIAN_SAMPLERS, SAMPLERS, sample
 from .schedules import get_betas, respaced_betas, respaced_timesteps
+from .upsample import UPSAMPLE_SAMPLERS, UpsampleGuidance, alpha_bar_at, log_snr, snr_matched_timestep
 
 # Named recipes the CLI can pass by name.
 PRESETS = {
@@ -69,4 +70,5 @@ __all__ = [
     "GaussianDiffusion", "FlowMatching", "create_objective", "list_objectives", "PRESETS", "sample", "SAMPLERS",
     "GAUSSIAN_SAMPLERS", "FLOW_SAMPLERS", "DEFAULT_STEPS", "get_betas", "respaced_timesteps", "respaced_betas",
     "normal_kl", "discretized_gaussian_log_likelihood", "approx_standard_normal_cdf", "mean_flat",
+    "UpsampleGuidance", "UPSAMPLE_SAMPLERS", "snr_matched_timestep", "log_snr", "alpha_bar_at",
 ]

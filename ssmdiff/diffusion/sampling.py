@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from .flow import FlowMatching
 from .gaussian import GaussianDiffusion
 from .schedules import respaced_betas, respaced_timesteps
+from .upsample import UPSAMPLE_SAMPLERS, UpsampleGuidance, UpsampleGuided
 
 GAUSSIAN_SAMPLERS = ("ddpm", "ddim", "dpm++2m", "dpm++3m", "euler", "heun")
 FLOW_SAMPLERS = ("euler", "heun")
@@ -95,12 +96,20 @@ class _Guided:
     def _call(self, x, t, y):
         return self.model(x, t) if y is None else self.model(x, t, y=y)
 
-    def __call__(self, x: torch.Tensor, t_model: float) -> torch.Tensor:
-        t = torch.full((x.shape[0],), t_model, dtype=torch.float32, device=x.device)
+    def decide(self, t_model: float) -> bool:
+        """Whether guidance is on at this model timestep (labels given, scale != 1, inside the interval)."""
         guide = self.y is not None and self.scale != 1.0
         if guide and self.interval is not None:
             tau = t_model / 1000.0
             guide = self.interval[0] <= tau <= self.interval[1]
+        return guide
+
+    def __call__(self, x: torch.Tensor, t_model: float, guide: bool | None = None) -> torch.Tensor:
+        """The (guided) prediction; ``guide`` overrides the decision (upsample guidance takes it at the
+        full-resolution timestep for both resolutions)."""
+        t = torch.full((x.shape[0],), t_model, dtype=torch.float32, device=x.device)
+        if guide is None:
+            guide = self.decide(t_model)
         if not guide:
             return self._call(x, t, self.y).float()
         if self.scale == 0.0:
@@ -129,7 +138,8 @@ def _flow_heun(guided, x, steps, progress):
 def sample(model, objective, shape, *, sampler: str | None = None, steps: int | None = None, y=None,
            num_classes: int = 0, guidance_scale: float = 1.0, guidance_channels: int | None = None,
            guidance_interval: tuple[float, float] | None = None, eta: float = 0.0,
-           generator: torch.Generator | None = None, device=None, progress: bool = True) -> torch.Tensor:
+           generator: torch.Generator | None = None, device=None, progress: bool = True,
+           upsample_guidance: UpsampleGuidance | dict | bool | None = None) -> torch.Tensor:
     """Generate samples x_0 of ``shape`` (N, C, ...) with ``model`` trained under ``objective``.
 
     Args:
@@ -149,6 +159,11 @@ def sample(model, objective, shape, *, sampler: str | None = None, steps: int | 
         generator: torch.Generator for the initial noise and every stochastic step (deterministic given it).
         device: where to sample; default the model's device.
         progress: show a tqdm progress bar.
+        upsample_guidance: sample at m x the trained resolution with upsample guidance (arXiv 2404.01709, as
+            DiM): an ``UpsampleGuidance(factor=m, weight=w, fraction=0.3, model=low_res_model)``, a dict of those
+            fields, or True for the defaults. ``shape`` is the full (high) resolution; H and W must be divisible
+            by m. Gaussian objectives with the ddpm / ddim / dpm++2m / dpm++3m samplers only. See
+            ``ssmdiff.diffusion.upsample`` for the formula and its derivation.
     """
     if isinstance(objective, GaussianDiffusion):
         allowed = GAUSSIAN_SAMPLERS
@@ -196,19 +211,55 @@ def sample(model, objective, shape, *, sampler: str | None = None, steps: int | 
             raise ValueError(f"guidance_interval must be (lo, hi) with 0 <= lo <= hi <= 1, got {guidance_interval}")
         guidance_interval = (lo, hi)
 
+    ug = UpsampleGuidance.coerce(upsample_guidance)
+    low_model = None
+    if ug is not None:
+        if not isinstance(objective, GaussianDiffusion):
+            raise ValueError("upsample guidance needs a Gaussian diffusion objective (eps, v or x0 prediction); "
+                             "it is not defined for flow matching")
+        if sampler not in UPSAMPLE_SAMPLERS:
+            raise ValueError(f"upsample guidance works with the samplers {', '.join(UPSAMPLE_SAMPLERS)}, not "
+                             f"{sampler!r}")
+        m = ug.factor
+        if len(shape) != 4 or shape[2] % m or shape[3] % m:
+            raise ValueError(f"upsample guidance by {m} needs images (N, C, H, W) with H and W divisible by {m}, "
+                             f"got shape {shape}; pick an image size that is {m} x the trained one")
+        low_model = model if ug.model is None else ug.model
+        low_size = getattr(low_model, "input_size", None)
+        if low_size is not None and (int(low_size) != shape[2] // m or int(low_size) != shape[3] // m):
+            hint = (f", or use factor {shape[2] // int(low_size)}" if shape[2] == shape[3] and int(low_size) > 0
+                    and shape[2] % int(low_size) == 0 and shape[2] // int(low_size) >= 2 else "")
+            raise ValueError(f"upsample guidance by {m} runs the low-resolution model on {shape[2] // m}x"
+                             f"{shape[3] // m} images, but it was built for {low_size}x{low_size}: pass the model "
+                             f"at its trained resolution as UpsampleGuidance(model=...) and sample with a copy "
+                             f"built at {shape[2]}x{shape[3]} (models.adapt_state_dict){hint}")
+        if not ug.enabled:
+            ug = None  # weight 0 or fraction 0: plain sampling, with no extra model calls
+
     expected = 2 * c if objective.learn_sigma else c
     raw = _Guided(model, y, num_classes, guidance_scale, guidance_channels, guidance_interval, c)
 
-    def guided(x, t_model):
-        out = raw(x, t_model)
+    def check(out, x, what="model"):
         if out.shape[1] != expected or out.shape[0] != x.shape[0] or out.shape[2:] != x.shape[2:]:
-            raise ValueError(f"model output shape {tuple(out.shape)} does not fit samples {tuple(x.shape)}: "
+            raise ValueError(f"{what} output shape {tuple(out.shape)} does not fit samples {tuple(x.shape)}: "
                              f"expected {expected} channels (objective learn_sigma={objective.learn_sigma})")
         return out
 
-    was_training = getattr(model, "training", False)
-    if isinstance(model, torch.nn.Module):
-        model.eval()  # class dropout and other train-time randomness must be off while sampling
+    upsampled = None
+    if ug is not None:
+        raw_low = _Guided(low_model, y, num_classes, guidance_scale, guidance_channels, guidance_interval, c)
+        upsampled = UpsampleGuided(objective, ug, lambda z, t, g: check(raw_low(z, t, g), z, "low-resolution model"),
+                                   c)
+
+    def guided(x, t_model):
+        guide = raw.decide(t_model)
+        out = check(raw(x, t_model, guide), x)
+        return out if upsampled is None else upsampled(out, x, t_model, guide)
+
+    modules = [mod for mod in dict.fromkeys([model, low_model]) if isinstance(mod, torch.nn.Module)]
+    was_training = [mod.training for mod in modules]
+    for mod in modules:
+        mod.eval()  # class dropout and other train-time randomness must be off while sampling
     try:
         gen_device = generator.device if generator is not None else device
         x = torch.randn(shape, generator=generator, device=gen_device, dtype=torch.float32).to(device)
@@ -242,5 +293,5 @@ def sample(model, objective, shape, *, sampler: str | None = None, steps: int | 
             x = sched.step(out if full else out[:, :c], t, x, **extra).prev_sample
         return x
     finally:
-        if isinstance(model, torch.nn.Module):
-            model.train(was_training)
+        for mod, mode in zip(modules, was_training):
+            mod.train(mode)
