@@ -88,6 +88,10 @@ class SSMDiffPipeline(DiffusionPipeline):
             warnings.filterwarnings("ignore", category=DeprecationWarning, message=".*__array__.*")
             sched.set_timesteps(steps)
 
+    def _progress_disabled(self) -> bool:
+        # diffusers' set_progress_bar_config(disable=True) is how pipeline users silence the bar.
+        return bool(getattr(self, "_progress_bar_config", {}).get("disable", False))
+
     @torch.no_grad()
     def __call__(
         self,
@@ -109,7 +113,7 @@ class SSMDiffPipeline(DiffusionPipeline):
         eta: DDIM stochasticity, passed to schedulers whose step takes it.
         Returns ``ImagePipelineOutput(images=...)`` or a 1-tuple when ``return_dict=False``.
         """
-        from .diffusion.sampling import _Guided
+        from .diffusion.sampling import _Guided, run_scheduler
 
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
@@ -136,13 +140,8 @@ class SSMDiffPipeline(DiffusionPipeline):
         sched = self.scheduler
         self._set_timesteps(int(num_inference_steps))
         scale = 1000.0 / float(sched.config.num_train_timesteps)
-        step_params = inspect.signature(sched.step).parameters
-        extra = {}
-        if "generator" in step_params:
-            extra["generator"] = generator
-        if "eta" in step_params:
-            extra["eta"] = float(eta)
-        elif eta != 0.0:
+        takes_eta = "eta" in inspect.signature(sched.step).parameters
+        if eta != 0.0 and not takes_eta:
             raise ValueError(f"eta applies to DDIM-type schedulers, not {type(sched).__name__}")
         # Only a learned-variance DDPM step reads the variance channels; every other scheduler takes C channels.
         full = getattr(sched.config, "variance_type", None) in ("learned", "learned_range") \
@@ -153,12 +152,9 @@ class SSMDiffPipeline(DiffusionPipeline):
         try:
             gen_device = generator.device if generator is not None else device
             x = torch.randn((n, c, size, size), generator=generator, device=gen_device, dtype=torch.float32)
-            x = x.to(device) * getattr(sched, "init_noise_sigma", 1.0)
-            # Flow schedulers have no input scaling; the others may (Euler/Heun divide by sqrt(sigma^2 + 1)).
-            scale_input = getattr(sched, "scale_model_input", lambda sample, timestep: sample)
-            for t in self.progress_bar(sched.timesteps):
-                out = guided(scale_input(x, t), float(t) * scale).float()
-                x = sched.step(out if full else out[:, :c], t, x, **extra).prev_sample
+            x = run_scheduler(sched, lambda z, t: guided(z, t).float(), x.to(device), c,
+                              to_model=lambda t: float(t) * scale, full=full, generator=generator,
+                              eta=float(eta) if takes_eta else None, progress=not self._progress_disabled())
         finally:
             model.train(was_training)
 

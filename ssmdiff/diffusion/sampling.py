@@ -135,6 +135,28 @@ def _flow_heun(guided, x, steps, progress):
 
 
 @torch.no_grad()
+def run_scheduler(sched, guided, x, c: int, *, to_model, full: bool, generator=None, eta: float | None = None,
+                  progress: bool = True, desc: str = "sampling") -> torch.Tensor:
+    """Step a diffusers scheduler (timesteps already set) from the noise ``x`` down to a sample.
+
+    ``guided(x, t_model)`` is the (guided) network and ``to_model`` maps a scheduler timestep to the model's 0..1000
+    scale. ``full``: hand all 2C output channels to the scheduler (a learned-variance DDPM step reads them); else
+    the first ``c``. ``eta`` is passed only when given (DDIM). Shared by ``sample`` and ``SSMDiffPipeline`` so both
+    step identically.
+    """
+    extra = {}
+    if "generator" in inspect.signature(sched.step).parameters:
+        extra["generator"] = generator
+    if eta is not None:
+        extra["eta"] = float(eta)
+    x = x * getattr(sched, "init_noise_sigma", 1.0)
+    scale_input = getattr(sched, "scale_model_input", lambda sample, timestep: sample)
+    for t in tqdm(sched.timesteps, desc=desc, disable=not progress):
+        out = guided(scale_input(x, t), to_model(t))
+        x = sched.step(out if full else out[:, :c], t, x, **extra).prev_sample
+    return x
+
+
 def sample(model, objective, shape, *, sampler: str | None = None, steps: int | None = None, y=None,
            num_classes: int = 0, guidance_scale: float = 1.0, guidance_channels: int | None = None,
            guidance_interval: tuple[float, float] | None = None, eta: float = 0.0,
@@ -278,20 +300,11 @@ def sample(model, objective, shape, *, sampler: str | None = None, steps: int | 
                 # diffusers builds sigmas with np.array(tensor), which numpy 2 reports as deprecated: not ours.
                 warnings.filterwarnings("ignore", category=DeprecationWarning, message=".*__array__.*")
                 sched, to_model = _gaussian_scheduler(objective, sampler, steps)
-        step_params = inspect.signature(sched.step).parameters
-        extra = {}
-        if "generator" in step_params:
-            extra["generator"] = generator
-        if sampler == "ddim":
-            extra["eta"] = float(eta)
         # DDPM's learned-range step reads the variance channels itself; every other scheduler wants C channels.
         full = sampler == "ddpm" and objective.learn_sigma
-        x = x * getattr(sched, "init_noise_sigma", 1.0)
-        scale_input = getattr(sched, "scale_model_input", lambda sample, timestep: sample)
-        for t in tqdm(sched.timesteps, desc=f"sampling ({sampler})", disable=not progress):
-            out = guided(scale_input(x, t), to_model(t))
-            x = sched.step(out if full else out[:, :c], t, x, **extra).prev_sample
-        return x
+        return run_scheduler(sched, guided, x, c, to_model=to_model, full=full, generator=generator,
+                             eta=float(eta) if sampler == "ddim" else None, progress=progress,
+                             desc=f"sampling ({sampler})")
     finally:
         for mod, mode in zip(modules, was_training):
             mod.train(mode)
