@@ -1,0 +1,890 @@
+"""Backbone benchmark: state-space models against DiT of matched size, measured in one run.
+
+    python benchmarks/models.py                 # the full grid of issue 6 (long: tens of minutes on 2 cores)
+    python benchmarks/models.py --quick         # smoke run: 256 tokens, batch 2, one repeat
+    python benchmarks/models.py --profile       # where one bf16 training step of DiS-S/2 and DiT-S/2 goes
+
+What is measured, for every (model, tokens, dtype) configuration:
+  train     images/s of one optimisation step: forward, a plain MSE loss, backward, AdamW step (fp32 weights;
+            "bf16" = the forward and backward under ``torch.autocast(dtype=torch.bfloat16)``);
+  sample    images/s of one denoising forward under ``torch.inference_mode`` (same autocast);
+  memory    peak memory of each, see below;
+  Gflops    ``ssmdiff.models.count_flops`` per image and forward pass (DiT convention: a multiply-add is one flop;
+            selective scans and S4D convolutions included);
+  MFU       model-flops utilisation: 2 * Gflops (real flops) per forward, times 3 for a training step (forward +
+            backward), divided by this machine's matmul rate for that dtype, measured at the start of the same
+            run (a loop of 2048 x 2048 matrix products, bf16 and fp32). Scan flops are counted as model flops
+            although they cannot run on the matrix units, so MFU is a fair bar for a state-space model only if
+            its scans are small next to its projections (they are 10-20% of DiS's flops).
+  ratios    every state-space row against its paired DiT row (same tokens, dtype and run): images/s, peak memory
+            and Gflops, SSM / DiT.
+
+Tokens: the number of image tokens the backbone mixes, (input_size / patch)^2. Patch-2 models (DiS, DiM, DiT) get
+input_size = 2 * sqrt(tokens) (32, 64, 128 latent cells with 4 channels for 256, 1024, 4096 tokens); DiffuSSM has no
+patchify, every latent cell is a token, so it gets input_size = sqrt(tokens) (16, 32, 64): equal sequence length,
+a 4x smaller latent. Its dense layers also run on the hourglass-shortened sequence (tokens / 2). Extra tokens
+(time, class, DiM's separators and padding) are not counted in "tokens"; ``mixer_len``, the longest sequence a
+mixer actually saw, is recorded next to it, and the Gflops column keeps the comparison honest.
+
+Batch: by default 4096 / tokens images, at most 16 (16, 4, 1): the same number of tokens per batch at every size.
+
+Peak memory, CPU: each configuration runs in a fresh subprocess. Timing runs with the default allocator; then
+glibc's mmap threshold is pinned at 64 KiB and the free heap is trimmed (``mallopt`` / ``malloc_trim``), so every
+tensor-sized buffer is mmapped and unmapped when freed and resident memory follows live memory; the kernel's
+peak-RSS counter is reset (/proc/self/clear_refs) and one more step runs. ``*_extra_mb`` is VmHWM minus VmRSS just
+before that step (activations, gradients and temporaries); ``*_peak_mb`` is VmHWM minus the process's RSS before
+the model was built (weights and AdamW state included). CUDA: ``torch.cuda.max_memory_allocated`` in the same two
+flavours. Without subprocesses (``isolate=False``, used by the tests) the same counters are read in-process.
+
+Out of time: every phase gets ``budget_s`` seconds of timed repeats (at least one after the warm-up); a
+configuration whose time estimated from the previous size exceeds its budget, or whose subprocess overruns it,
+is kept as a row with ``status="skipped"`` and the reason.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+__all__ = [
+    "DEFAULT_MODELS",
+    "DEFAULT_TOKENS",
+    "parse_model_spec",
+    "baseline_for",
+    "input_size_for",
+    "default_batch",
+    "measure_matmul_rate",
+    "run_model_benchmark",
+    "compute_ratios",
+    "check_bars",
+    "format_table",
+    "plot_results",
+    "profile_training_step",
+    "main",
+]
+
+# The issue's pairs: DiS-S/2, DiM-S/2, DiffuSSM-S against DiT-S/2; DiS-B/2 against DiT-B/2.
+DEFAULT_MODELS = ("DiT-S/2", "DiS-S/2", "DiM-S/2", "DiffuSSM-S", "DiT-B/2", "DiS-B/2")
+DEFAULT_TOKENS = (256, 1024, 4096)
+DTYPES = ("fp32", "bf16")
+TOKENS_PER_BATCH = 4096
+MAX_BATCH = 16
+DEFAULT_BUDGET_S = 120.0
+
+# glibc mallopt parameters (malloc.h).
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+
+
+# ----------------------------------------------------------------------------------------------- configuration
+
+def parse_model_spec(spec: str) -> tuple[str, dict]:
+    """``"DiS-S/2"`` or ``"DiS-S/2:mixer=mamba2,d_state=32"`` -> (name, overrides for ``create_model``).
+
+    Values are read as JSON where they parse (numbers, true/false) and kept as strings otherwise.
+    """
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError(f"model spec must be a name such as 'DiS-S/2' (optionally ':key=value,...'), got {spec!r}")
+    name, _, rest = spec.strip().partition(":")
+    overrides = {}
+    for item in filter(None, (s.strip() for s in rest.split(","))):
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise ValueError(f"bad override {item!r} in {spec!r}: write key=value, e.g. 'DiS-S/2:mixer=mamba2'")
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key] = value
+    return name, overrides
+
+
+def _family(name: str) -> str:
+    return name.split("-", 1)[0]
+
+
+def _patch(name: str) -> int:
+    # DiffuSSM has no patchify ("DiffuSSM-S"); the others carry it in the name ("DiS-S/2").
+    return int(name.rsplit("/", 1)[1]) if "/" in name else 1
+
+
+def baseline_for(name: str) -> str | None:
+    """The DiT a state-space model is compared with: same size letter, patch 2 (DiffuSSM-S -> DiT-S/2);
+    None for DiT itself or when no DiT of that size exists."""
+    if _family(name) == "DiT":
+        return None
+    from .models import list_models
+
+    size = name.split("-", 1)[1].split("/", 1)[0]
+    candidate = f"DiT-{size}/2"
+    return candidate if candidate in list_models() else None
+
+
+def input_size_for(name: str, tokens: int) -> int:
+    """Input side (latent cells) at which ``name`` mixes ``tokens`` image tokens."""
+    if not isinstance(tokens, int) or tokens < 1:
+        raise ValueError(f"tokens must be a positive int, got {tokens!r}")
+    side = math.isqrt(tokens)
+    if side * side != tokens:
+        raise ValueError(f"tokens must be a perfect square (a square grid of patches), got {tokens}; "
+                         f"e.g. 256, 1024, 4096")
+    return side * _patch(name)
+
+
+def default_batch(tokens: int) -> int:
+    """Images per batch: the same number of tokens per batch (4096) at every size, between 1 and 16 images."""
+    return min(MAX_BATCH, max(1, TOKENS_PER_BATCH // tokens))
+
+
+# --------------------------------------------------------------------------------------------------- measuring
+
+def _status_kb(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current RSS
+        return True
+    except OSError:
+        return False
+
+
+def _pin_malloc() -> bool:
+    """Make resident memory follow live memory from here on (see the module docstring)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        ok = libc.mallopt(_M_MMAP_THRESHOLD, 64 * 1024) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, 0) == 1
+        libc.malloc_trim(0)
+        return ok
+    except (OSError, AttributeError):
+        return False
+
+
+class _PeakMemory:
+    """Peak memory of one block of work: ``extra_mb`` above the memory just before it, ``peak_mb`` above ``floor_kb``
+    (the process before the model existed)."""
+
+    def __init__(self, device, floor_kb: int | None):
+        self.device = device
+        self.floor_kb = floor_kb
+        self.extra_mb = self.peak_mb = None
+
+    def __enter__(self):
+        import torch
+
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._base = torch.cuda.memory_allocated(self.device)
+        else:
+            self._ok = _reset_peak_rss()
+            self._base = _status_kb("VmRSS")
+        return self
+
+    def __exit__(self, *exc):
+        import torch
+
+        if exc[0] is not None:
+            return False
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            peak = torch.cuda.max_memory_allocated(self.device)
+            self.extra_mb = (peak - self._base) / 2**20
+            self.peak_mb = peak / 2**20
+        elif self._ok and self._base is not None:
+            hwm = _status_kb("VmHWM")
+            self.extra_mb = (hwm - self._base) / 1024
+            if self.floor_kb is not None:
+                self.peak_mb = (hwm - self.floor_kb) / 1024
+        return False
+
+
+def _sync(device):
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time_phase(fn, device, warmup: int, repeats: int, budget_s: float) -> dict:
+    """Warm-up calls (cut short when they alone exceed the budget), then timed calls until ``repeats`` or the
+    budget runs out (at least one). Wall and CPU seconds (all threads) per call: on a shared machine wall time
+    also counts waiting for a core, CPU time only the work."""
+    start = time.perf_counter()
+    for _ in range(warmup):
+        fn()
+        _sync(device)
+        if time.perf_counter() - start > budget_s:
+            break
+    times, cpu = [], []
+    start = time.perf_counter()
+    while len(times) < max(repeats, 1) and (not times or time.perf_counter() - start < budget_s):
+        t0, c0 = time.perf_counter(), time.process_time()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+    return {"median_s": statistics.median(times), "times_s": times, "cpu_s": statistics.median(cpu)}
+
+
+def measure_matmul_rate(device: str = "cpu", size: int = 2048, seconds: float = 2.0) -> dict:
+    """This machine's matrix-product rate, in real flops/s (2 n^3 per product): {"bf16": ..., "fp32": ...,
+    "size": {"bf16": n, "fp32": n}}.
+
+    A loop of ``size`` x ``size`` products, ``F.linear(a, b)`` = a @ b.T as in every nn.Linear of the models (on
+    CPUs without native bf16 that layout takes a faster bf16 path than ``torch.mm``), for about ``seconds`` per
+    dtype; the fastest product sets the rate (the machine's capability: on a shared machine a median would measure
+    the other jobs). A CPU without native bf16 (no AVX512-BF16/AMX) multiplies bf16 some 10-30x slower than fp32;
+    the size is then halved until one product fits
+    in a third of ``seconds``, and the size used is recorded.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    dev = torch.device(device)
+    rates, sizes = {}, {}
+    for label, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+        g = torch.Generator(device="cpu").manual_seed(0)
+        # Probe at 256 to predict the time of one product at ``size``.
+        n = 256
+        a = torch.randn(n, n, generator=g).to(dev, dtype)
+        F.linear(a, a)
+        _sync(dev)
+        probe = float("inf")
+        for _ in range(3):
+            t0 = time.perf_counter()
+            F.linear(a, a)
+            _sync(dev)
+            probe = min(probe, max(time.perf_counter() - t0, 1e-6))
+        n = size
+        while n > 256 and probe * (n / 256) ** 3 > seconds / 3:
+            n //= 2
+        a = torch.randn(n, n, generator=g).to(dev, dtype)
+        b = torch.randn(n, n, generator=g).to(dev, dtype)
+        F.linear(a, b)
+        _sync(dev)
+        times = []
+        start = time.perf_counter()
+        while len(times) < 3 or time.perf_counter() - start < seconds:
+            t0 = time.perf_counter()
+            F.linear(a, b)
+            _sync(dev)
+            times.append(time.perf_counter() - t0)
+            if len(times) >= 1000 or time.perf_counter() - start > 3 * seconds:
+                break
+        rates[label] = 2 * n**3 / min(times)
+        sizes[label] = n
+    rates["size"] = sizes
+    return rates
+
+
+def _mixer_classes():
+    from .models import dit
+    from .ssm import modules
+
+    return tuple(getattr(modules, n) for n in ("Mamba", "BiMamba", "Mamba2", "BiS4D")) + (dit.Attention,)
+
+
+def measure_config(cfg: dict) -> dict:
+    """Train and sample one configuration in this process; returns the measured fields of its row.
+
+    cfg: {"name", "overrides", "tokens", "batch", "dtype", "device", "num_classes", "warmup", "repeats",
+    "budget_s", "threads", "pin_malloc", "floor_kb"}.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    from .models import create_model
+
+    if cfg.get("threads"):
+        torch.set_num_threads(int(cfg["threads"]))
+    device = torch.device(cfg["device"])
+    floor_kb = cfg.get("floor_kb") or _status_kb("VmRSS")
+    torch.manual_seed(0)
+    name, tokens, batch = cfg["name"], cfg["tokens"], cfg["batch"]
+    size = input_size_for(name, tokens)
+    model = create_model(name, input_size=size, in_channels=4, num_classes=cfg["num_classes"],
+                         **cfg.get("overrides", {})).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0)
+    channels = model.in_channels
+    x = torch.randn(batch, channels, size, size, device=device)
+    noise = torch.randn_like(x)
+    t = torch.randint(0, 1000, (batch,), device=device).float()
+    y = torch.randint(0, cfg["num_classes"], (batch,), device=device) if cfg["num_classes"] > 0 else None
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg["dtype"] == "bf16")
+
+    # The longest sequence any mixer sees (extra, separator and padding tokens included), from the first call.
+    lengths = []
+    hooks = [m.register_forward_pre_hook(lambda _m, args: lengths.append(args[0].shape[1]))
+             for m in model.modules() if isinstance(m, _mixer_classes())]
+
+    def train_step():
+        opt.zero_grad(set_to_none=True)
+        with autocast:
+            out = model(x, t, y)
+        loss = F.mse_loss(out[:, :channels].float(), noise)
+        loss.backward()
+        opt.step()
+
+    def sample_step():
+        with torch.inference_mode(), autocast:
+            model(x, t, y)
+
+    row = {}
+    model.train()
+    row["train"] = _time_phase(train_step, device, cfg["warmup"], cfg["repeats"], cfg["budget_s"])
+    for h in hooks:
+        h.remove()
+    row["mixer_len"] = max(lengths) if lengths else None
+    model.eval()
+    row["sample"] = _time_phase(sample_step, device, cfg["warmup"], cfg["repeats"], cfg["budget_s"] / 2)
+
+    if device.type == "cpu" and cfg.get("pin_malloc", False):
+        row["malloc_pinned"] = _pin_malloc()
+    model.train()
+    with _PeakMemory(device, floor_kb) as mem:
+        train_step()
+    row["train_extra_mb"], row["train_peak_mb"] = mem.extra_mb, mem.peak_mb
+    model.eval()
+    with _PeakMemory(device, floor_kb) as mem:
+        sample_step()
+    row["sample_extra_mb"], row["sample_peak_mb"] = mem.extra_mb, mem.peak_mb
+    return row
+
+
+def _worker_main(payload: str) -> int:
+    cfg = json.loads(payload)
+    import torch  # noqa: F401
+
+    from .models import list_models
+
+    list_models()  # imports every family, so the floor below holds the code and only the model is counted on top
+    cfg["floor_kb"] = _status_kb("VmRSS")
+    cfg["pin_malloc"] = True
+    print(json.dumps(measure_config(cfg)))
+    return 0
+
+
+def _run_isolated(cfg: dict, timeout_s: float) -> dict:
+    env = dict(os.environ)
+    root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    cmd = [sys.executable, "-m", "ssmdiff.bench", "--_worker", json.dumps(cfg)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return {"status": "skipped", "reason": f"over its time limit ({timeout_s:.0f} s)"}
+    if proc.returncode != 0:
+        tail = (proc.stderr or "").strip().splitlines()[-1:] or [f"exit status {proc.returncode}"]
+        reason = "killed (out of memory?)" if proc.returncode in (-9, 137) else tail[0][:300]
+        return {"status": "failed", "reason": reason}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# ------------------------------------------------------------------------------------------------- the benchmark
+
+def _flops_and_params(name: str, overrides: dict, size: int, num_classes: int) -> tuple[float, int]:
+    import torch
+
+    from .models import count_flops, create_model
+
+    with torch.device("meta"):
+        model = create_model(name, input_size=size, in_channels=4, num_classes=num_classes, **overrides)
+    counted = count_flops(model)
+    return counted["gflops"], counted["params"]
+
+
+def run_model_benchmark(models=DEFAULT_MODELS, tokens=DEFAULT_TOKENS, dtypes=DTYPES, *, batch: int | None = None,
+                        device: str = "cpu", num_classes: int = 1000, warmup: int = 1, repeats: int = 3,
+                        budget_s: float = DEFAULT_BUDGET_S, threads: int | None = None, isolate: bool = True,
+                        add_baselines: bool = True, matmul_seconds: float = 2.0, progress=print) -> dict:
+    """Run the benchmark grid; returns {"rows": [...], "matmul_flops": {...}, "bars": {...}, "environment": {...}}.
+
+    models: names or specs ("DiS-S/2:mixer=mamba2"); each state-space model's DiT pair is added when missing
+    (``add_baselines``). tokens: image tokens per image (perfect squares). dtypes: "fp32" and/or "bf16" (autocast).
+    batch: images per step, default ``default_batch(tokens)``. isolate: one fresh subprocess per configuration
+    (honest peak memory); False measures in this process (fast, for tests; memory then includes whatever this
+    process freed earlier). budget_s: seconds of timed repeats per phase. Each row has status "ok", "skipped" or
+    "failed" (with "reason"); ratios against the paired DiT are filled in by ``compute_ratios``.
+    """
+    import torch
+
+    from .models import list_models
+
+    if isinstance(models, str):
+        models = [models]
+    if isinstance(tokens, int):
+        tokens = [tokens]
+    if isinstance(dtypes, str):
+        dtypes = [dtypes]
+    specs = [parse_model_spec(m) for m in models]
+    known = set(list_models())
+    for name, _ in specs:
+        if name not in known:
+            raise ValueError(f"unknown model {name!r}; `ssmdiff models` lists the names (e.g. DiS-S/2, DiT-S/2)")
+    if add_baselines:
+        have = {(n, json.dumps(o, sort_keys=True)) for n, o in specs}
+        for name, _ in list(specs):
+            base = baseline_for(name)
+            if base is not None and (base, "{}") not in have:
+                specs.insert(0, (base, {}))
+                have.add((base, "{}"))
+    for d in dtypes:
+        if d not in DTYPES:
+            raise ValueError(f"unknown dtype {d!r}: choose from {', '.join(DTYPES)}")
+    for n in tokens:
+        input_size_for("DiT-S/2", n)  # validates: positive perfect square
+    if batch is not None and (not isinstance(batch, int) or batch < 1):
+        raise ValueError(f"batch must be a positive int, got {batch!r}")
+    if budget_s <= 0 or repeats < 1 or warmup < 0:
+        raise ValueError("budget_s must be > 0, repeats >= 1 and warmup >= 0")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"unknown device {device!r}: use 'cpu' or 'cuda'") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' asked for but CUDA is not available; use --device cpu")
+    if threads:
+        torch.set_num_threads(threads)
+
+    from .ssm.ops.selective_scan import resolve_backend
+
+    environment = {
+        "device": str(dev),
+        "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu",
+        "threads": threads or torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        # AVX2 alone has no native bf16: bf16 matmuls and convolutions then take slow generic paths.
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
+        "torch": torch.__version__,
+        "scan_backend": resolve_backend(dev),
+        "python": platform.python_version(),
+    }
+    progress(f"measuring the matmul rate (up to 2048^2, bf16 and fp32) on {dev} ...")
+    rates = measure_matmul_rate(device, seconds=matmul_seconds)
+    progress(f"  bf16 {rates['bf16'] / 1e9:.1f} GFLOP/s (n={rates['size']['bf16']}), "
+             f"fp32 {rates['fp32'] / 1e9:.1f} GFLOP/s (n={rates['size']['fp32']})")
+
+    rows = []
+    last_cost: dict = {}  # (spec, dtype) -> (seconds per train step, Gflops x batch) for the time estimate
+    for n_tokens in tokens:
+        for name, overrides in specs:
+            spec = name + (":" + ",".join(f"{k}={v}" for k, v in overrides.items()) if overrides else "")
+            size = input_size_for(name, n_tokens)
+            gflops, params = _flops_and_params(name, overrides, size, num_classes)
+            b = batch or default_batch(n_tokens)
+            for dtype in dtypes:
+                row = {"model": spec, "name": name, "family": _family(name), "overrides": overrides,
+                       "baseline": baseline_for(name), "tokens": n_tokens, "input_size": size,
+                       "patch": _patch(name), "batch": b, "dtype": dtype, "gflops": gflops, "params": params}
+                prev = last_cost.get((spec, dtype))
+                if prev is not None:
+                    estimate = prev[0] * (gflops * b) / prev[1]
+                    # warm-up + one timed step per phase is the least a measurement needs
+                    if estimate * (warmup + 1) > budget_s:
+                        row.update(status="skipped", reason=f"estimated {estimate:.0f} s per training step "
+                                   f"(from the previous size) x {warmup + 1} > budget {budget_s:.0f} s")
+                        rows.append(row)
+                        progress(_row_line(row))
+                        continue
+                cfg = {"name": name, "overrides": overrides, "tokens": n_tokens, "batch": b, "dtype": dtype,
+                       "device": device, "num_classes": num_classes, "warmup": warmup, "repeats": repeats,
+                       "budget_s": budget_s, "threads": threads}
+                if isolate:
+                    # warm-up + repeats of both phases, model build and imports: a generous wall-clock limit.
+                    result = _run_isolated(cfg, timeout_s=4 * budget_s + 180)
+                else:
+                    try:
+                        result = measure_config(cfg)
+                    except RuntimeError as e:  # out of memory and the like: keep the row, go on
+                        result = {"status": "failed", "reason": str(e).splitlines()[0][:300]}
+                if "status" in result:
+                    row.update(result)
+                else:
+                    row.update(_derive(result, gflops, b, dtype, rates))
+                    last_cost[(spec, dtype)] = (row["train_step_s"], gflops * b)
+                rows.append(row)
+                progress(_row_line(row))
+    compute_ratios(rows)
+    return {"rows": rows, "matmul_flops": rates, "bars": check_bars(rows), "environment": environment,
+            "settings": {"num_classes": num_classes, "warmup": warmup, "repeats": repeats, "budget_s": budget_s,
+                         "isolate": isolate, "batch": batch or f"{TOKENS_PER_BATCH} // tokens"}}
+
+
+def _derive(result: dict, gflops: float, batch: int, dtype: str, rates: dict) -> dict:
+    train, sample = result["train"], result["sample"]
+    rate = rates[dtype]
+    out = {
+        "status": "ok",
+        "mixer_len": result.get("mixer_len"),
+        "train_step_s": train["median_s"], "train_times_s": train["times_s"], "train_cpu_s": train["cpu_s"],
+        "train_ips": batch / train["median_s"],
+        "sample_step_s": sample["median_s"], "sample_times_s": sample["times_s"], "sample_cpu_s": sample["cpu_s"],
+        "sample_ips": batch / sample["median_s"],
+        # count_flops counts a multiply-add as one flop: x2 for real flops; a training step is ~3 forwards.
+        "train_mfu": 2 * 3 * gflops * 1e9 * batch / train["median_s"] / rate,
+        "sample_mfu": 2 * gflops * 1e9 * batch / sample["median_s"] / rate,
+    }
+    for key in ("train_extra_mb", "train_peak_mb", "sample_extra_mb", "sample_peak_mb"):
+        out[key] = result.get(key)
+    return out
+
+
+def compute_ratios(rows: list[dict]) -> list[dict]:
+    """Fill each state-space row's ratios against its DiT pair measured in the same run (same tokens, dtype,
+    batch): ``train_speed_ratio`` and ``sample_speed_ratio`` (images/s, SSM / DiT: > 1 means the SSM is faster),
+    ``train_memory_ratio`` and ``sample_memory_ratio`` (extra peak memory, SSM / DiT), ``gflops_ratio``."""
+    index = {(r["model"], r["tokens"], r["dtype"]): r for r in rows}
+    for r in rows:
+        base = index.get((r.get("baseline"), r["tokens"], r["dtype"])) if r.get("baseline") else None
+        if base is None:
+            continue
+        r["gflops_ratio"] = r["gflops"] / base["gflops"]
+        if r.get("status") != "ok" or base.get("status") != "ok":
+            continue
+        r["train_speed_ratio"] = r["train_ips"] / base["train_ips"]
+        r["sample_speed_ratio"] = r["sample_ips"] / base["sample_ips"]
+        for phase in ("train", "sample"):
+            a, b = r.get(f"{phase}_extra_mb"), base.get(f"{phase}_extra_mb")
+            r[f"{phase}_memory_ratio"] = a / b if a is not None and b else None
+    return rows
+
+
+def check_bars(rows: list[dict]) -> dict:
+    """Issue 6's CPU bars, judged from these rows only (a bar whose rows are missing is absent, not failed).
+
+    speed: at 1024 tokens and above, the fastest configuration of each state-space family (any dtype, mixer or
+    variant) trains and samples at least as fast as the fastest DiT of equal or lower Gflops at those tokens
+    (>= 2x at 4096). memory: training extra peak memory of each state-space model grows at most linearly with
+    tokens (per image: extra_mb / batch, allowing 25% for allocator slack). mfu: DiS-B/2 bf16 at 1024 tokens
+    trains at >= 25% MFU.
+    """
+    ok = [r for r in rows if r.get("status") == "ok"]
+    bars = {}
+    for n in sorted({r["tokens"] for r in ok if r["tokens"] >= 1024}):
+        need = 2.0 if n >= 4096 else 1.0
+        for fam in sorted({r["family"] for r in ok if r["family"] != "DiT"}):
+            ssm = [r for r in ok if r["family"] == fam and r["tokens"] == n]
+            ssm_gflops = min(r["gflops"] for r in ssm)
+            dit = [r for r in ok if r["family"] == "DiT" and r["tokens"] == n and r["gflops"] <= ssm_gflops * 1.0001]
+            if not dit:
+                continue
+            for phase in ("train", "sample"):
+                best_ssm = max(ssm, key=lambda r: r[f"{phase}_ips"])
+                best_dit = max(dit, key=lambda r: r[f"{phase}_ips"])
+                ratio = best_ssm[f"{phase}_ips"] / best_dit[f"{phase}_ips"]
+                bars[f"{fam} {phase} @{n} >= {need:g}x DiT"] = {
+                    "met": ratio >= need, "ratio": ratio,
+                    "ssm": f"{best_ssm['model']} {best_ssm['dtype']}", "dit": f"{best_dit['model']} {best_dit['dtype']}"}
+    for spec in sorted({r["model"] for r in ok if r["family"] != "DiT"}):
+        for dtype in sorted({r["dtype"] for r in ok}):
+            pts = sorted((r["tokens"], r["train_extra_mb"] / r["batch"]) for r in ok
+                         if r["model"] == spec and r["dtype"] == dtype and r.get("train_extra_mb"))
+            if len(pts) >= 2:
+                (n0, m0), (n1, m1) = pts[0], pts[-1]
+                growth = (m1 / m0) / (n1 / n0) if m0 > 0 else float("inf")
+                bars[f"{spec} {dtype} memory linear in tokens"] = {"met": growth <= 1.25, "growth_vs_linear": growth}
+    for r in ok:
+        if r["name"] == "DiS-B/2" and r["tokens"] == 1024 and r["dtype"] == "bf16" and not r["overrides"]:
+            bars["DiS-B/2 bf16 @1024 train MFU >= 25%"] = {"met": r["train_mfu"] >= 0.25, "mfu": r["train_mfu"]}
+    return bars
+
+
+# ---------------------------------------------------------------------------------------------------- reporting
+
+def _fmt(x, spec=".1f"):
+    return "-" if x is None else format(x, spec)
+
+
+def _row_line(r: dict) -> str:
+    head = f"{r['model']:<22} {r['tokens']:>5} tok  b{r['batch']:<3} {r['dtype']:<5}"
+    if r.get("status") != "ok":
+        return f"{head} {r.get('status')}: {r.get('reason')}"
+    return (f"{head} train {r['train_ips']:7.2f} img/s  sample {r['sample_ips']:7.2f} img/s  "
+            f"mem {_fmt(r.get('train_extra_mb'), '.0f')} MB  MFU {100 * r['train_mfu']:.1f}%")
+
+
+def format_table(result: dict) -> str:
+    """The rows as a plain-text table, ratios against the paired DiT at the end of each state-space row."""
+    rows = result["rows"]
+    rates = result.get("matmul_flops", {})
+    lines = []
+    if rates:
+        lines.append(f"matmul rate (same run): bf16 {rates['bf16'] / 1e9:.1f} GFLOP/s (n={rates['size']['bf16']}), "
+                     f"fp32 {rates['fp32'] / 1e9:.1f} GFLOP/s (n={rates['size']['fp32']})")
+    header = (f"{'model':<22} {'tok':>5} {'len':>5} {'in':>4} {'b':>3} {'dtype':<5} {'Gflops':>7} "
+              f"{'train/s':>8} {'samp/s':>8} {'tr MB':>7} {'tr pk MB':>8} {'sa MB':>7} {'MFU tr':>7} "
+              f"{'x train':>7} {'x samp':>7} {'x mem':>6} {'x Gfl':>6}")
+    lines += [header, "-" * len(header)]
+    for r in sorted(rows, key=lambda r: (r["tokens"], r["dtype"], r["family"] != "DiT", r["model"])):
+        if r.get("status") != "ok":
+            lines.append(f"{r['model']:<22} {r['tokens']:>5} {'':>5} {r['input_size']:>4} {r['batch']:>3} "
+                         f"{r['dtype']:<5} {r['gflops']:>7.1f}  {r.get('status')}: {r.get('reason')}")
+            continue
+        lines.append(
+            f"{r['model']:<22} {r['tokens']:>5} {_fmt(r.get('mixer_len'), 'd'):>5} {r['input_size']:>4} "
+            f"{r['batch']:>3} {r['dtype']:<5} {r['gflops']:>7.1f} {r['train_ips']:>8.2f} {r['sample_ips']:>8.2f} "
+            f"{_fmt(r.get('train_extra_mb'), '.0f'):>7} {_fmt(r.get('train_peak_mb'), '.0f'):>8} "
+            f"{_fmt(r.get('sample_extra_mb'), '.0f'):>7} {100 * r['train_mfu']:>6.1f}% "
+            f"{_fmt(r.get('train_speed_ratio'), '.2f'):>7} {_fmt(r.get('sample_speed_ratio'), '.2f'):>7} "
+            f"{_fmt(r.get('train_memory_ratio'), '.2f'):>6} {_fmt(r.get('gflops_ratio'), '.2f'):>6}")
+    lines.append("tok: image tokens; len: longest sequence a mixer saw; in: input side; b: batch; Gflops: per image "
+                 "forward (multiply-add = 1); tr/sa MB: extra peak memory of a train step / sampling forward; tr pk: "
+                 "with weights and AdamW state; x ...: SSM / paired DiT, same run (speed > 1 = SSM faster).")
+    bars = result.get("bars") or {}
+    if bars:
+        lines.append("bars (issue 6):")
+        for key, v in bars.items():
+            detail = ", ".join(f"{k} {val:.2f}" if isinstance(val, float) else f"{k} {val}"
+                               for k, val in v.items() if k != "met")
+            lines.append(f"  {'met    ' if v['met'] else 'NOT met'}  {key}  ({detail})")
+    return "\n".join(lines)
+
+
+def plot_results(result: dict, path) -> Path | None:
+    """PNG of training and sampling images/s and training/sampling extra peak memory against tokens (log-log),
+    one line per model and dtype. Returns the path, or None when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    path = Path(path)
+    ok = [r for r in result["rows"] if r.get("status") == "ok"]
+    panels = (("train_ips", "training images/s"), ("sample_ips", "sampling images/s (one step)"),
+              ("train_extra_mb", "training extra peak memory (MB)"),
+              ("sample_extra_mb", "sampling extra peak memory (MB)"))
+    fig, axes = plt.subplots(1, 4, figsize=(18, 4.2))
+    series = sorted({(r["model"], r["dtype"]) for r in ok})
+    for ax, (key, title) in zip(axes, panels):
+        for model, dtype in series:
+            pts = sorted((r["tokens"], r[key]) for r in ok
+                         if r["model"] == model and r["dtype"] == dtype and (r.get(key) or 0) > 0)
+            if pts:
+                ax.plot(*zip(*pts), marker="o", linestyle="--" if model.startswith("DiT") else "-",
+                        label=f"{model} {dtype}")
+        ax.set_xscale("log", base=2)
+        if ax.lines:
+            ax.set_yscale("log")
+        ax.set_xlabel("image tokens")
+        ax.set_title(title, fontsize=10)
+        ax.grid(True, alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+# ------------------------------------------------------------------------------------------------------ profile
+
+_CATEGORIES = (
+    ("matmul", ("mm", "addmm", "bmm", "matmul", "linear", "baddbmm", "_weight_int", "mkldnn_matmul")),
+    ("attention", ("scaled_dot_product", "flash_attention", "_efficient_attention", "softmax")),
+    ("scan", ("selective_scan", "scan", "ssd", "cumsum", "chunk_state")),
+    ("conv", ("conv", "convolution", "fft")),
+    ("copy/layout", ("copy_", "to_copy", "_to_copy", "contiguous", "clone", "flip", "cat", "stack", "index",
+                     "transpose", "permute", "reshape", "view", "expand", "as_strided", "fill_", "zero_",
+                     "empty", "split", "slice", "unbind", "select")),
+    ("optimizer", ("_foreach", "adam", "lerp", "sqrt", "addcdiv", "addcmul")),
+    ("norm", ("norm", "rsqrt", "layer_norm", "rms")),
+)
+
+
+def _category(op: str) -> str:
+    low = op.lower()
+    for cat, keys in _CATEGORIES:
+        if any(k in low for k in keys):
+            return cat
+    return "elementwise/other"
+
+
+def profile_training_step(name: str = "DiS-S/2", tokens: int = 1024, dtype: str = "bf16", batch: int | None = None,
+                          num_classes: int = 1000, row_limit: int = 15, warmup: int = 1, threads: int | None = None):
+    """torch.profiler over one training step (after ``warmup`` unprofiled steps) of ``name``.
+
+    Returns (table, summary): torch's key-averages table sorted by self CPU time (top ``row_limit`` ops) and
+    {"step_s", "self_cpu_s_total", "categories": {category: self CPU seconds}, "top": [(op, self CPU s, calls)]}.
+    Categories are a rough grouping of aten op names (matmul, attention, scan, conv, copy/layout, optimizer, norm,
+    elementwise/other), to see at a glance where a step goes.
+    """
+    import torch
+    import torch.nn.functional as F
+    from torch.profiler import ProfilerActivity, profile
+
+    from .models import create_model
+
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}: choose from {', '.join(DTYPES)}")
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    size = input_size_for(name, tokens)
+    b = batch or default_batch(tokens)
+    model = create_model(name, input_size=size, in_channels=4, num_classes=num_classes).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0)
+    x = torch.randn(b, 4, size, size)
+    noise = torch.randn_like(x)
+    t = torch.randint(0, 1000, (b,)).float()
+    y = torch.randint(0, num_classes, (b,)) if num_classes > 0 else None
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
+            out = model(x, t, y)
+        F.mse_loss(out[:, :4].float(), noise).backward()
+        opt.step()
+
+    for _ in range(warmup):
+        step()
+    t0 = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    step_s = time.perf_counter() - t0
+    averages = prof.key_averages()
+    table = averages.table(sort_by="self_cpu_time_total", row_limit=row_limit)
+    cats: dict = {}
+    events = sorted(averages, key=lambda e: e.self_cpu_time_total, reverse=True)
+    for e in events:
+        cats[_category(e.key)] = cats.get(_category(e.key), 0.0) + e.self_cpu_time_total / 1e6
+    total = sum(cats.values())
+    summary = {"model": name, "tokens": tokens, "batch": b, "dtype": dtype, "step_s": step_s,
+               "self_cpu_s_total": total,
+               "categories": dict(sorted(cats.items(), key=lambda kv: -kv[1])),
+               "top": [(e.key, e.self_cpu_time_total / 1e6, e.count) for e in events[:row_limit]]}
+    return table, summary
+
+
+def _print_profile(summary: dict, table: str) -> str:
+    lines = [f"== {summary['model']}, {summary['tokens']} tokens, batch {summary['batch']}, {summary['dtype']}: "
+             f"one training step {summary['step_s']:.2f} s under the profiler, self CPU total "
+             f"{summary['self_cpu_s_total']:.2f} s (all threads) ==", table, "by category (self CPU):"]
+    total = summary["self_cpu_s_total"] or 1.0
+    for cat, s in summary["categories"].items():
+        lines.append(f"  {cat:<18} {s:7.2f} s  {100 * s / total:5.1f}%")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------------- main
+
+def build_parser() -> argparse.ArgumentParser:
+    """The options of ``ssmdiff bench`` / ``benchmarks/models.py``."""
+    p = argparse.ArgumentParser(
+        prog="ssmdiff bench",
+        description="Benchmark state-space backbones against DiT of matched size: training and sampling "
+                    "images/s, peak memory, Gflops, MFU, ratios SSM/DiT from the same run.")
+    p.add_argument("--models", nargs="+", default=None,
+                   help=f"model names or specs with overrides, e.g. DiS-S/2:mixer=mamba2 (default: "
+                        f"{' '.join(DEFAULT_MODELS)}); each state-space model's DiT pair is added")
+    p.add_argument("--tokens", type=int, nargs="+", default=None,
+                   help="image tokens per image, perfect squares (default 256 1024 4096)")
+    p.add_argument("--dtype", nargs="+", choices=DTYPES, default=None, help="fp32 and/or bf16 autocast (both)")
+    p.add_argument("--batch", type=int, default=None, help=f"images per step (default {TOKENS_PER_BATCH} // tokens)")
+    p.add_argument("--repeats", type=int, default=None, help="timed steps per phase (default 3; --quick 1)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps before timing each phase (default 1)")
+    p.add_argument("--budget", type=float, default=None,
+                   help=f"seconds of timed repeats per phase and configuration (default {DEFAULT_BUDGET_S:.0f}; "
+                        f"configurations estimated to take longer are skipped)")
+    p.add_argument("--num-classes", type=int, default=1000, help="class-conditional models (0: unconditional)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
+    p.add_argument("--matmul-seconds", type=float, default=None,
+                   help="seconds per dtype for the matmul-rate loop (default 2; --quick 1)")
+    p.add_argument("--no-isolate", action="store_true",
+                   help="measure in this process instead of one subprocess per configuration (peak memory less exact)")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run: 256 tokens only, batch 2, one repeat, budget 60 s (override with the options above)")
+    p.add_argument("--out", type=Path, default=Path("bench-results"),
+                   help="folder for models.json and models.png (and profile.txt with --profile)")
+    p.add_argument("--profile", action="store_true",
+                   help="instead of the grid: torch.profiler over one training step of each model (default "
+                        "DiS-S/2 and DiT-S/2, 1024 tokens, bf16), top-15 ops by self CPU time")
+    p.add_argument("--_worker", help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv=None) -> int:
+    """Command line entry (``ssmdiff bench``); returns the exit status."""
+    args = build_parser().parse_args(argv)
+    if args._worker:
+        return _worker_main(args._worker)
+    if args.profile:
+        return _profile_main(args)
+    models = args.models or list(DEFAULT_MODELS)
+    tokens = args.tokens or ([256] if args.quick else list(DEFAULT_TOKENS))
+    dtypes = args.dtype or list(DTYPES)
+    repeats = args.repeats or (1 if args.quick else 3)
+    budget = args.budget or (60.0 if args.quick else DEFAULT_BUDGET_S)
+    try:
+        batch = args.batch or (2 if args.quick else None)
+        result = run_model_benchmark(models, tokens, dtypes, batch=batch, device=args.device,
+                                     num_classes=args.num_classes, warmup=args.warmup, repeats=repeats,
+                                     budget_s=budget, threads=args.threads, isolate=not args.no_isolate,
+                                     matmul_seconds=args.matmul_seconds or (1.0 if args.quick else 2.0))
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    result["command"] = " ".join([Path(sys.executable).name, *sys.argv])
+    print()
+    print(format_table(result))
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "models.json").write_text(json.dumps(result, indent=2))
+    print(f"wrote {args.out / 'models.json'}")
+    png = plot_results(result, args.out / "models.png")
+    if png is not None:
+        print(f"wrote {png}")
+    return 0
+
+
+def _profile_main(args) -> int:
+    models = args.models or ["DiS-S/2", "DiT-S/2"]
+    tokens = (args.tokens or [1024])[0]
+    dtype = (args.dtype or ["bf16"])[0]
+    out = []
+    summaries = []
+    for spec in models:
+        name, overrides = parse_model_spec(spec)
+        if overrides:
+            print("error: --profile takes plain model names", file=sys.stderr)
+            return 2
+        try:
+            table, summary = profile_training_step(name, tokens, dtype, batch=args.batch,
+                                                   num_classes=args.num_classes, threads=args.threads,
+                                                   warmup=args.warmup)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        text = _print_profile(summary, table)
+        print(text, flush=True)
+        out.append(text)
+        summaries.append(summary)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "profile.txt").write_text("\n\n".join(out) + "\n")
+    (args.out / "profile.json").write_text(json.dumps(summaries, indent=2))
+    print(f"wrote {args.out / 'profile.txt'} and profile.json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,105 @@
+"""The benchmark machinery on tiny models at 16 tokens: table, JSON, PNG, ratios from the same run, bars, profile.
+No timing assertions: the machine is shared."""
+
+import json
+
+import pytest
+
+from ssmdiff import bench
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    rc = bench.main(["--models", "DiS-T/2", "--tokens", "16", "--dtype", "fp32", "--batch", "2", "--repeats", "2",
+                     "--warmup", "0", "--budget", "5", "--matmul-seconds", "0.2", "--num-classes", "10", "--no-isolate", "--out", str(out)])
+    assert rc == 0
+    return out, json.loads((out / "models.json").read_text())
+
+
+def test_outputs_and_rows(tiny_run, capsys):
+    out, result = tiny_run
+    rows = {r["model"]: r for r in result["rows"]}
+    # The DiT pair is added automatically and both are measured in the same run.
+    assert set(rows) == {"DiS-T/2", "DiT-T/2"}
+    for r in rows.values():
+        assert r["status"] == "ok"
+        assert r["tokens"] == 16 and r["input_size"] == 8 and r["batch"] == 2 and r["dtype"] == "fp32"
+        assert 1 <= len(r["train_times_s"]) <= 2
+        assert r["train_ips"] == pytest.approx(2 / r["train_step_s"])
+        assert r["sample_ips"] == pytest.approx(2 / r["sample_step_s"])
+        assert r["gflops"] > 0 and r["params"] > 0
+        # MFU: real flops (2 x multiply-adds) x 3 for forward + backward, over the rate measured in this run.
+        rate = result["matmul_flops"]["fp32"]
+        assert r["train_mfu"] == pytest.approx(6 * r["gflops"] * 1e9 * 2 / r["train_step_s"] / rate)
+        assert r["train_extra_mb"] is None or r["train_extra_mb"] >= 0
+    # The mixers see the extra (time, class) tokens: longer than the 16 image tokens.
+    assert rows["DiS-T/2"]["mixer_len"] == 18
+    dis, dit = rows["DiS-T/2"], rows["DiT-T/2"]
+    assert dis["baseline"] == "DiT-T/2" and "train_speed_ratio" not in dit
+    assert dis["train_speed_ratio"] == pytest.approx(dis["train_ips"] / dit["train_ips"])
+    assert dis["sample_speed_ratio"] == pytest.approx(dis["sample_ips"] / dit["sample_ips"])
+    assert dis["gflops_ratio"] == pytest.approx(dis["gflops"] / dit["gflops"])
+    assert (out / "models.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = bench.format_table(result)
+    assert "DiS-T/2" in table and "DiT-T/2" in table and f"{dis['train_speed_ratio']:.2f}" in table
+
+
+def test_token_and_spec_helpers():
+    assert bench.input_size_for("DiS-S/2", 1024) == 64
+    assert bench.input_size_for("DiffuSSM-S", 1024) == 32  # no patchify: every latent cell is a token
+    assert [bench.default_batch(n) for n in (256, 1024, 4096)] == [16, 4, 1]
+    assert bench.baseline_for("DiffuSSM-S") == "DiT-S/2"
+    assert bench.baseline_for("DiS-B/2") == "DiT-B/2"
+    assert bench.baseline_for("DiT-S/2") is None
+    assert bench.parse_model_spec("DiS-S/2:mixer=mamba2,d_state=32") == ("DiS-S/2", {"mixer": "mamba2", "d_state": 32})
+    with pytest.raises(ValueError, match="perfect square"):
+        bench.input_size_for("DiS-S/2", 1000)
+    with pytest.raises(ValueError, match="key=value"):
+        bench.parse_model_spec("DiS-S/2:mamba2")
+    with pytest.raises(ValueError, match="unknown model"):
+        bench.run_model_benchmark(["DiS-Q/2"], [16], ["fp32"], isolate=False)
+
+
+def test_bad_cli_input_exits_cleanly(tmp_path, capsys):
+    assert bench.main(["--models", "NotAModel", "--tokens", "16", "--out", str(tmp_path)]) == 2
+    assert "unknown model" in capsys.readouterr().err
+
+
+def _row(model, tokens, dtype, train, sample, gflops, extra_mb, batch=1):
+    family = model.split("-")[0]
+    return {"model": model, "name": model, "family": family, "overrides": {}, "tokens": tokens, "dtype": dtype,
+            "status": "ok", "train_ips": train, "sample_ips": sample, "gflops": gflops, "batch": batch,
+            "train_extra_mb": extra_mb, "train_mfu": 0.1,
+            "baseline": None if family == "DiT" else "DiT-S/2"}
+
+
+def test_bars_from_rows():
+    rows = [
+        _row("DiT-S/2", 1024, "fp32", 1.0, 4.0, 30.0, 100.0),
+        _row("DiS-S/2", 1024, "fp32", 1.5, 3.0, 32.0, 100.0),
+        _row("DiS-S/2", 1024, "bf16", 0.5, 5.0, 32.0, 100.0),  # the fastest dtype counts, per phase
+        _row("DiT-S/2", 4096, "fp32", 0.2, 1.0, 240.0, 400.0),
+        _row("DiS-S/2", 4096, "fp32", 0.3, 3.0, 130.0, 900.0),  # DiT has more Gflops here: no speed bar
+    ]
+    bars = bench.check_bars(rows)
+    assert bars["DiS train @1024 >= 1x DiT"]["ratio"] == pytest.approx(1.5) and bars["DiS train @1024 >= 1x DiT"]["met"]
+    assert bars["DiS sample @1024 >= 1x DiT"]["ratio"] == pytest.approx(1.25)
+    assert not any("@4096" in k for k in bars)
+    # 900/100 MB for 4x the tokens: 2.25x worse than linear.
+    mem = bars["DiS-S/2 fp32 memory linear in tokens"]
+    assert mem["growth_vs_linear"] == pytest.approx(2.25) and not mem["met"]
+    ratios = bench.compute_ratios([dict(r) for r in rows])
+    dis = next(r for r in ratios if r["model"] == "DiS-S/2" and r["tokens"] == 4096)
+    assert dis["train_speed_ratio"] == pytest.approx(1.5)
+    assert dis["train_memory_ratio"] == pytest.approx(900 / 400)
+    assert dis["gflops_ratio"] == pytest.approx(130 / 240)
+
+
+def test_profile_summary():
+    table, summary = bench.profile_training_step("DiT-T/2", tokens=16, dtype="fp32", batch=2, num_classes=10,
+                                                 row_limit=5, warmup=0)
+    assert "Self CPU" in table
+    assert len(summary["top"]) == 5
+    assert summary["self_cpu_s_total"] == pytest.approx(sum(summary["categories"].values()))
+    assert "matmul" in summary["categories"]
