@@ -1,4 +1,4 @@
-"""The ``ssmdiff`` command: train | sample | evaluate | models | extract-latents.
+"""The ``ssmdiff`` command: train | sample | evaluate | export | models | extract-latents.
 
 ``ssmdiff train`` with no arguments is the default main job (a class-conditional DiS on the built-in digits).
 User errors (bad flags, missing files, foreign checkpoints) end with one ``ssmdiff: error: ...`` line and exit
@@ -63,7 +63,16 @@ _TRAIN_HELP = {
     "sample_steps": "sampler steps for grids and evaluation",
     "guidance_scale": "classifier-free guidance scale for grids and evaluation",
     "eval_samples_per_class": "samples per class for the final evaluation",
-    "evaluate": "evaluate samples at the end (eval.json)",
+    "evaluate": "evaluate samples at the end (eval.json); runs on the digits, or on other data when "
+                "--inception-weights are given",
+    "inception_weights": "local Inception weights file for the end-of-training FID/KID/IS on non-digit data "
+                         "(never downloaded)",
+    "eval_reference": "reference images for the end-of-training evaluation (default: held-out digits, or the "
+                      "training data when it is images; required for latent datasets)",
+    "init_from": "weak-to-strong: start from this run folder or checkpoint (any resolution; position tables "
+                 "interpolated, optimiser and step fresh); its model, overrides and objective are reused unless "
+                 "given; not with --resume",
+    "init_ema": "initialise from the source's EMA weights (--no-init-ema: its raw weights)",
     "progress": "progress bars",
 }
 
@@ -169,7 +178,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The full argument parser (sub-commands train, sample, evaluate, models, extract-latents)."""
+    """The full argument parser (sub-commands train, sample, evaluate, export, models, extract-latents)."""
     parser = argparse.ArgumentParser(prog=PROG, description="Diffusion models with state-space backbones.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -177,25 +186,52 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train a diffusion model. With no arguments: the default main job.")
     _add_train_args(t)
 
-    s = sub.add_parser("sample", help="sample images from a run or checkpoint")
-    s.add_argument("path", metavar="RUN_OR_CHECKPOINT")
+    s = sub.add_parser("sample", help="sample images from a run, checkpoint or exported pipeline folder")
+    s.add_argument("path", metavar="RUN_OR_CHECKPOINT_OR_PIPELINE",
+                   help="a run folder, one of its checkpoints, or a folder written by `ssmdiff export`")
     s.add_argument("--num-images", type=_positive_int, default=None,
                    help="images to generate (default: 10 per class, or 64)")
     s.add_argument("--batch-size", type=_positive_int, default=64)
-    s.add_argument("--sampler", choices=_CHOICES["sampler"], default=None, help="default: the run's")
-    s.add_argument("--steps", type=_positive_int, default=None, help="sampler steps (default: the run's)")
+    s.add_argument("--sampler", choices=_CHOICES["sampler"], default=None,
+                   help="default: the run's, or a pipeline folder's bundled scheduler")
+    s.add_argument("--steps", type=_positive_int, default=None,
+                   help="sampler steps (default: the run's, or the pipeline folder's)")
     s.add_argument("--guidance-scale", type=_nonneg_float, default=None, help="default: the run's")
     s.add_argument("--classes", type=_class_list, default=None, help="comma-separated class ids (default: all)")
     s.add_argument("--seed", type=_nonneg_int, default=0)
-    s.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True, help="use the EMA weights")
-    s.add_argument("--out", default=None, help="output folder (default: <run>/samples/sample-step<N>-seed<S>)")
+    s.add_argument("--image-size", type=_positive_int, default=None,
+                   help="sample at this side (pixels; latent cells for latent runs) instead of the trained one, "
+                        "position tables interpolated, no training")
+    s.add_argument("--upsample-guidance", action=argparse.BooleanOptionalAction, default=False,
+                   help="guide a --image-size of 2x, 3x, ... the trained one with the trained-resolution model "
+                        "(arXiv 2404.01709, as in DiM); Gaussian runs with ddpm, ddim, dpm++2m or dpm++3m")
+    s.add_argument("--ug-weight", type=float, default=1.0, help="upsample guidance weight (default: 1.0)")
+    s.add_argument("--ug-fraction", type=_nonneg_float, default=0.3,
+                   help="guide over this first fraction of the sampling trajectory (default: 0.3)")
+    s.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
+                   help="use the EMA weights (a pipeline folder holds the one set it was exported with)")
+    s.add_argument("--out", default=None,
+                   help="output folder (default: <run or pipeline folder>/samples/sample-step<N>-seed<S>)")
     s.add_argument("--singles", action=argparse.BooleanOptionalAction, default=True,
                    help="also write every image as its own PNG")
     s.add_argument("--device", default="auto")
     s.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
 
-    e = sub.add_parser("evaluate", help="score samples (npz or folder) against a reference; JSON output")
-    e.add_argument("samples", metavar="SAMPLES", help="an .npz (arr_0 uint8 NHWC), an image folder or a run's sample folder")
+    e = sub.add_parser("evaluate", help="score samples (npz, image folder or pipeline folder) against a reference; "
+                                        "JSON output")
+    e.add_argument("samples", metavar="SAMPLES",
+                   help="an .npz (arr_0 uint8 NHWC, optional labels), an image folder (labels from _class<k> in the "
+                        "file names), a sample folder of `ssmdiff sample`, or a pipeline folder of `ssmdiff export` "
+                        "(--num-images are generated from it first)")
+    e.add_argument("--num-images", type=_positive_int, default=None,
+                   help="pipeline folder only: images to generate (default: 100 per class, or 1000)")
+    e.add_argument("--batch-size", type=_positive_int, default=64, help="pipeline folder only: sampling batch")
+    e.add_argument("--seed", type=_nonneg_int, default=0, help="pipeline folder only: sampling seed")
+    e.add_argument("--sampler", choices=_CHOICES["sampler"], default=None,
+                   help="pipeline folder only (default: its bundled scheduler)")
+    e.add_argument("--steps", type=_positive_int, default=None, help="pipeline folder only (default: its own)")
+    e.add_argument("--guidance-scale", type=_nonneg_float, default=None,
+                   help="pipeline folder only (default: its own)")
     e.add_argument("--reference", default="digits",
                    help="reference: 'digits' (held-out split), a dataset spec, an .npz or an image folder")
     e.add_argument("--metrics", default=None,
@@ -206,6 +242,20 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--allow-download", action=argparse.BooleanOptionalAction, default=False,
                    help="allow downloading Inception weights")
     e.add_argument("--device", default="auto")
+
+    xp = sub.add_parser("export", help="write a run as a diffusers pipeline folder (SSMDiffPipeline) with a model card",
+                        description="Export a run folder or checkpoint as a diffusers pipeline folder: backbone, "
+                                    "scheduler, VAE (latent runs), ssmdiff.json and a README.md model card.")
+    xp.add_argument("path", metavar="RUN_OR_CHECKPOINT")
+    xp.add_argument("out_dir", metavar="OUT_DIR")
+    xp.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
+                    help="export the EMA weights (--no-ema: the live ones)")
+    xp.add_argument("--sampler", default=None,
+                    help="scheduler to bundle: ddpm, dpm++2m, dpm++3m, euler, heun for Gaussian runs, euler for flow "
+                         "runs (default: dpm++2m / euler)")
+    xp.add_argument("--vae", default=None, help="latent runs: AutoencoderKL folder to bundle (default: the run's)")
+    xp.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=False,
+                    help="replace OUT_DIR when it already holds an exported pipeline")
 
     m = sub.add_parser("models", help="list the model registry with parameter counts and Gflops")
     m.add_argument("--input-size", type=_positive_int, default=32)
@@ -256,6 +306,14 @@ def cmd_train(ns: argparse.Namespace) -> int:
     elif name is not None:
         raise CliError("give either --name or --run-dir, not both")
     run_dir = given["run_dir"]
+    if given.get("init_from"):
+        if given.get("resume"):
+            raise CliError("--init-from starts a new run from another run's weights; --resume continues this "
+                           "run from its own checkpoint: give one of them")
+        from .train import inherit_init_settings, read_init_source
+
+        _, source_state = read_init_source(given["init_from"])
+        given = inherit_init_settings(given, source_state)
     if given.get("resume") and ckpt.has_checkpoint(run_dir):
         # continue with the stored settings; only flags given now change them (e.g. --steps to extend)
         state = ckpt.read_state(ckpt.resolve_checkpoint(run_dir))
@@ -299,24 +357,31 @@ def cmd_sample(ns: argparse.Namespace) -> int:
     info = du.init_distributed(device.type)
     if info.enabled and device.type == "cuda":
         device = _device(f"cuda:{info.local_rank}")
-    run = load_run(ns.path, ema=ns.ema, device=device)
+    run = _load_any(ns.path, ema=ns.ema, device=device)
     tc = run.train_config
     sampler = ns.sampler or tc.get("sampler")
     steps = ns.steps or tc.get("sample_steps")
     scale = ns.guidance_scale if ns.guidance_scale is not None else tc.get("guidance_scale", 1.0)
     n = ns.num_images or (10 * (len(ns.classes) if ns.classes else run.num_classes) if run.num_classes else 64)
+    ug = {"weight": ns.ug_weight, "fraction": ns.ug_fraction} if ns.upsample_guidance else None
+    if ug is not None and ns.image_size is None:
+        raise CliError("--upsample-guidance samples above the trained resolution: give --image-size "
+                       f"(e.g. {2 * run.shape_chw[1]})")
     out = ns.out
     if out is None:
-        run_root = os.path.dirname(os.path.dirname(run.checkpoint))
-        out = os.path.join(run_root, "samples", f"sample-step{run.step}-seed{ns.seed}")
+        root = _output_root(ns.path, run)
+        tag = f"-size{ns.image_size}" if ns.image_size else ""
+        tag += "-ug" if ug is not None else ""
+        out = os.path.join(root, "samples", f"sample-step{run.step}-seed{ns.seed}{tag}")
     images, labels = generate(run, num_images=n, batch_size=ns.batch_size, sampler=sampler, steps=steps,
                               guidance_scale=scale, classes=ns.classes, seed=ns.seed, device=device,
-                              progress=ns.progress)
+                              progress=ns.progress, image_size=ns.image_size, upsample_guidance=ug)
     if info.is_main:
         paths = save_samples(images, labels, out, class_names=run.class_names, singles=ns.singles)
         write_json(os.path.join(out, "sampling.json"), {
             "checkpoint": run.checkpoint, "step": run.step, "ema": run.ema, "num_images": n,
             "sampler": sampler, "steps": steps, "guidance_scale": scale, "classes": ns.classes, "seed": ns.seed,
+            "image_size": ns.image_size or run.shape_chw[1], "upsample_guidance": ug,
         })
         print(f"{n} images from {run.checkpoint} (step {run.step}, {'EMA' if run.ema else 'live'} weights)")
         print(f"npz: {paths['npz']}")
@@ -324,6 +389,25 @@ def cmd_sample(ns: argparse.Namespace) -> int:
     du.barrier()
     du.cleanup()
     return 0
+
+
+def _load_any(path: str, *, ema: bool, device):
+    """A ``LoadedRun`` from a run folder, checkpoint directory or exported pipeline folder."""
+    from .hub import is_pipeline_folder, load_pipeline_run
+    from .sample import load_run
+
+    if is_pipeline_folder(path):
+        return load_pipeline_run(path, device=device)
+    return load_run(path, ema=ema, device=device)
+
+
+def _output_root(path: str, run) -> str:
+    """Where default outputs go: inside a pipeline folder, else the run folder of the checkpoint."""
+    from .hub import is_pipeline_folder
+
+    if is_pipeline_folder(path):
+        return path
+    return os.path.dirname(os.path.dirname(run.checkpoint))
 
 
 def _samples_path(path: str) -> str:
@@ -344,8 +428,24 @@ def cmd_evaluate(ns: argparse.Namespace) -> int:
               "allow_download": ns.allow_download, "device": _device(ns.device)}
     if ns.metrics:
         kwargs["metrics"] = [m.strip() for m in ns.metrics.split(",") if m.strip()]
-    # labels (the classes the samples were asked for) come with the samples: npz "labels" or _class{k} names
-    result = evaluate_samples(_samples_path(ns.samples), **kwargs)
+    from .hub import is_pipeline_folder
+
+    if is_pipeline_folder(ns.samples):
+        from .sample import generate
+
+        device = kwargs["device"]
+        run = _load_any(ns.samples, ema=True, device=device)
+        tc = run.train_config
+        n = ns.num_images or (100 * run.num_classes if run.num_classes else 1000)
+        scale = ns.guidance_scale if ns.guidance_scale is not None else tc.get("guidance_scale", 1.0)
+        images, labels = generate(run, num_images=n, batch_size=ns.batch_size, sampler=ns.sampler or tc.get("sampler"),
+                                  steps=ns.steps or tc.get("sample_steps"), guidance_scale=scale, seed=ns.seed,
+                                  device=device, progress=False)
+        result = evaluate_samples(images, labels=labels, **kwargs)
+    else:
+        # A path goes to evaluate_samples as it is: it reads the labels the samples were asked for from the npz
+        # ("labels") or from _class{k} in the file names (a dataset loader would drop them).
+        result = evaluate_samples(_samples_path(ns.samples), **kwargs)
     text = json.dumps(result, indent=1)
     if ns.out:
         from .checkpoint import atomic_write_text
@@ -353,6 +453,16 @@ def cmd_evaluate(ns: argparse.Namespace) -> int:
         os.makedirs(os.path.dirname(os.path.abspath(ns.out)), exist_ok=True)
         atomic_write_text(ns.out, text + "\n")
     print(text)
+    return 0
+
+
+def cmd_export(ns: argparse.Namespace) -> int:
+    from .hub import export_pipeline
+
+    out = export_pipeline(ns.path, ns.out_dir, ema=ns.ema, sampler=ns.sampler, vae=ns.vae, overwrite=ns.overwrite)
+    print(f"pipeline folder: {out}")
+    print(f"model card: {os.path.join(out, 'README.md')}")
+    print(f"sample from it: ssmdiff sample {shlex.quote(out)} --num-images 100 --seed 1")
     return 0
 
 
@@ -398,7 +508,7 @@ def cmd_extract_latents(ns: argparse.Namespace) -> int:
 
 
 COMMANDS = {
-    "train": cmd_train, "sample": cmd_sample, "evaluate": cmd_evaluate, "models": cmd_models,
+    "train": cmd_train, "sample": cmd_sample, "evaluate": cmd_evaluate, "export": cmd_export, "models": cmd_models,
     "extract-latents": cmd_extract_latents,
 }
 

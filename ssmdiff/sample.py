@@ -78,6 +78,31 @@ def load_run(path: str, *, ema: bool = True, device: str | torch.device = "cpu")
     return LoadedRun(model, objective, d, int(state["step"]), state.get("train_config", {}), state.get("data", {}), ema)
 
 
+def at_resolution(run: LoadedRun, size: int | None) -> tuple[nn.Module, tuple[int, int, int]]:
+    """(model, sample shape C,H,W) to sample ``run`` at side ``size`` (None: the trained one).
+
+    Another size builds a copy of the backbone at that size and loads the run's weights through
+    ``ssmdiff.models.adapt_state_dict`` (position tables interpolated), without any training.
+    """
+    c, h, w = run.shape_chw
+    if size is None or int(size) == h:
+        return run.model, (c, h, w)
+    size = int(size)
+    if size < 1:
+        raise ValueError(f"image size must be >= 1, got {size}")
+    from .models import create_model, load_weights
+
+    cfg = {k: v for k, v in dict(run.model.config).items() if not k.startswith("_")}
+    patch = int(cfg.get("patch_size", 1) or 1)
+    if size % patch:
+        raise ValueError(f"image size {size} is not a multiple of the model's patch size {patch}")
+    cfg["input_size"] = size
+    p = next(iter(run.model.parameters()))
+    big = create_model(**cfg)
+    load_weights(big, {k: v.detach().cpu() for k, v in run.model.state_dict().items()})
+    return big.to(p.device).eval().requires_grad_(False), (c, size, size)
+
+
 def class_labels(num_images: int, num_classes: int, classes: Sequence[int] | None) -> np.ndarray | None:
     """Labels for ``num_images`` samples: ``classes`` (default all) in turn, grouped so grids get a row per class."""
     if num_classes <= 0:
@@ -110,18 +135,32 @@ def generate(
     device: str | torch.device = "cpu",
     progress: bool = True,
     vae=None,
+    image_size: int | None = None,
+    upsample_guidance: dict | None = None,
 ) -> tuple[np.ndarray | None, np.ndarray | None]:
     """Sample ``num_images`` images; returns (uint8 NHWC, labels or None) on rank 0 and (None, None) elsewhere.
 
     Latent-space runs are decoded with ``vae`` (loaded from the run's data record when not given).
+    image_size: sample at this side (pixels, or latent cells for latent runs) instead of the trained one, with
+    the position tables interpolated (see ``at_resolution``). upsample_guidance: a dict of
+    ``ssmdiff.diffusion.UpsampleGuidance`` fields (weight, fraction) to guide such a sample with the
+    trained-resolution model; the factor is ``image_size`` / trained size, which must be an integer >= 2.
     """
-    from .diffusion import sample
+    from .diffusion import UpsampleGuidance, sample
 
     if num_images < 1 or batch_size < 1:
         raise ValueError("num_images and batch_size must be >= 1")
     device = torch.device(device)
     info = du.current()
     labels = class_labels(num_images, run.num_classes, classes)
+    model, shape_chw = at_resolution(run, image_size)
+    ug = None
+    if upsample_guidance is not None:
+        trained = run.shape_chw[1]
+        if shape_chw[1] % trained or shape_chw[1] // trained < 2:
+            raise ValueError(f"upsample guidance needs an image size that is 2x, 3x, ... the trained "
+                             f"{trained}; got {shape_chw[1]}")
+        ug = UpsampleGuidance(factor=shape_chw[1] // trained, model=run.model, **dict(upsample_guidance))
     n_batches = -(-num_images // batch_size)
     if run.data.get("latent") and vae is None:
         from .data import load_vae
@@ -140,9 +179,9 @@ def generate(
         lo, hi = b * batch_size, min(num_images, (b + 1) * batch_size)
         y = torch.from_numpy(labels[lo:hi]).to(device) if labels is not None else None
         g = torch.Generator(device=device).manual_seed(_batch_seed(seed, b))
-        x = sample(run.model, run.objective, (hi - lo, *run.shape_chw), sampler=sampler, steps=steps, y=y,
+        x = sample(model, run.objective, (hi - lo, *shape_chw), sampler=sampler, steps=steps, y=y,
                    num_classes=run.num_classes, guidance_scale=guidance_scale, generator=g, device=device,
-                   progress=False)
+                   progress=False, upsample_guidance=ug)
         if run.data.get("latent"):
             from .data import decode_latents
 

@@ -100,6 +100,11 @@ class TrainConfig:
     guidance_scale: float = 2.5
     eval_samples_per_class: int = 100
     evaluate: bool = True
+    inception_weights: str | None = None  # local Inception weights: lets non-digit runs evaluate at the end
+    eval_reference: str | None = None  # images to compare against (default: the training data if it is images)
+    # weak-to-strong: start from another run's weights (position tables resized); optimiser and step start fresh
+    init_from: str | None = None
+    init_ema: bool = True
     progress: bool = True
 
     def validate(self) -> None:
@@ -161,6 +166,84 @@ def resolve_device(spec: str, local_rank: int = 0) -> torch.device:
     if spec == "cuda":
         return torch.device("cuda", local_rank)
     return torch.device(spec)
+
+
+def model_family(name: str) -> str:
+    """The registry family of a model name ("DiS-S/2" -> "DiS", "DiffuSSM-T" -> "DiffuSSM")."""
+    return str(name).split("-", 1)[0]
+
+
+# Settings copied from an --init-from source unless given: they fix the architecture (model, overrides,
+# learn_sigma) or what the network predicts (objective fields), so the source weights keep their meaning.
+INIT_INHERITED_FIELDS = ("model", "model_overrides", "learn_sigma", "objective", "schedule", "prediction",
+                         "diffusion_steps", "time_sampling")
+
+
+def read_init_source(path: str) -> tuple[str, dict]:
+    """(checkpoint directory, its state.json) of an ``init_from`` run folder or checkpoint.
+
+    Raises FileNotFoundError for a missing path and CheckpointError (a ValueError) for one that is not a
+    complete ssmdiff checkpoint recording its model config.
+    """
+    if not os.path.exists(str(path)):
+        raise FileNotFoundError(f"--init-from {path!r}: no such run folder or checkpoint; give a run folder "
+                                "(runs/NAME) or one of its checkpoints/step_* directories")
+    d = ckpt.resolve_checkpoint(str(path))
+    state = ckpt.read_state(d)
+    if not isinstance(state.get("model_config"), dict) or "name" not in state["model_config"]:
+        raise ckpt.CheckpointError(f"--init-from {d!r}: the checkpoint does not record its model config")
+    return d, state
+
+
+def inherit_init_settings(given: dict, source_state: dict) -> dict:
+    """``given`` (settings set explicitly) completed with the architecture/objective settings of the source run.
+
+    An explicit ``model`` must be of the source's family (e.g. DiS-S/2 from a DiS-T/2 run is allowed, and fails
+    later only if the shapes do not fit); another family raises ValueError.
+    """
+    src_cfg = TrainConfig.from_dict(source_state.get("train_config", {}))
+    src_name = source_state["model_config"]["name"]
+    out = dict(given)
+    if "model" in given and model_family(given["model"]) != model_family(src_name):
+        raise ValueError(f"--init-from a {src_name} run cannot initialise a {given['model']}: the weights only fit "
+                         f"the {model_family(src_name)} family; drop --model to reuse {src_name}")
+    explicit_model = "model" in given and given["model"] != src_name
+    for k in INIT_INHERITED_FIELDS:
+        if k in given:
+            continue
+        if k == "model_overrides":
+            if explicit_model:
+                continue  # another size of the family: its own registry config, not the source's overrides
+            out[k] = src_cfg.effective_overrides()
+        else:
+            out[k] = getattr(src_cfg, k)
+    return out
+
+
+def init_model_from(model: nn.Module, path: str, *, ema: bool = True) -> dict:
+    """Load the weights of the run/checkpoint ``path`` into ``model`` built at any resolution.
+
+    Position tables are resized by ``ssmdiff.models.adapt_state_dict`` (grid part interpolated, class/time
+    tokens reused); every other tensor must match exactly. Returns the record stored in the new run's state.
+    Raises FileNotFoundError / ValueError (another architecture, no EMA weights) with what to do.
+    """
+    from .models import adapt_state_dict
+
+    d, state = read_init_source(path)
+    weights = ckpt.load_tensors(d, "ema" if ema else "model")
+    if weights is None:
+        raise ckpt.CheckpointError(f"--init-from {d!r} has no {'EMA' if ema else 'model'} weights"
+                                   + ("; pass --no-init-ema to start from the raw weights" if ema else ""))
+    src_name = state["model_config"]["name"]
+    try:
+        sd = adapt_state_dict(weights, model)
+    except ValueError as e:
+        raise ValueError(f"cannot initialise from {d!r} ({src_name}): {e}") from None
+    model.load_state_dict(sd, strict=True)
+    data = state.get("data", {})
+    return {"checkpoint": os.path.abspath(d), "step": int(state.get("step", 0)), "model": src_name,
+            "image_size": data.get("image_size") or state["model_config"].get("input_size"),
+            "weights": "ema" if ema else "model"}
 
 
 def build_objective(cfg: TrainConfig):
@@ -456,6 +539,13 @@ def train(
         model = build_model(cfg, dataset)
     if objective is None:
         objective = build_objective(cfg)
+    init_record = None
+    if resume_state is not None:
+        init_record = resume_state.get("init_from")  # the weights come from the checkpoint; keep the record
+    elif cfg.init_from:
+        init_record = init_model_from(model, cfg.init_from, ema=cfg.init_ema)
+        console(f"initialised from {init_record['checkpoint']} ({init_record['model']} at "
+                f"{init_record['image_size']}px, step {init_record['step']}, {init_record['weights']} weights)", main)
     model.to(device)
     ema = EMA(model, cfg.ema_decay, cfg.ema_warmup)
     if cfg.grad_checkpointing:
@@ -568,6 +658,7 @@ def train(
                 "scheduler": scheduler.state_dict(),
                 "rng": rng_meta,
                 "world_size": world,
+                "init_from": init_record,
             }
             out = ckpt.save_checkpoint(
                 ckpt_root, at_step, model_state=msd, ema_state=ema.state_dict(), optimizer_state=osd_,
@@ -695,7 +786,10 @@ def train(
         return summary
     grid_path = grid(step, "final.png")
     summary["grid"] = grid_path
-    if cfg.evaluate and main:
+    skip_reason = eval_skip_reason(cfg, data_info)
+    if cfg.evaluate and main and skip_reason:
+        console(f"note: no automatic evaluation: {skip_reason}", True)
+    if cfg.evaluate and main and not skip_reason:
         try:
             summary["eval"] = evaluate_run(ema.module, objective, cfg, dataset, num_classes, shape_chw, device,
                                            data_info)
@@ -716,21 +810,54 @@ def _unwrap_ddp(m: nn.Module) -> nn.Module:
     return getattr(m, "_orig_mod", m)
 
 
+def eval_skip_reason(cfg: TrainConfig, data_info: dict | None = None) -> str | None:
+    """Why the end-of-training evaluation does not run for ``cfg`` (None: it runs).
+
+    It runs on the built-in digits (a local classifier gives the metrics) or when ``inception_weights`` are
+    given; anything else would need Inception weights that tests and offline machines must never download.
+    """
+    if str(cfg.data).startswith("digits"):
+        return None
+    if not cfg.inception_weights:
+        return ("the data is not the built-in digits and no --inception-weights were given; score samples later "
+                "with `ssmdiff evaluate SAMPLES --reference IMAGES --inception-weights FILE`")
+    return None
+
+
+def eval_reference_for(cfg: TrainConfig, data_info: dict | None = None) -> str:
+    """The reference images of the end-of-training evaluation.
+
+    ``eval_reference`` when set; else the held-out digits, or the training data itself when it is made of
+    images. A latent-shard dataset holds VAE latents, not images, so it needs an explicit ``eval_reference``.
+    """
+    if cfg.eval_reference:
+        return cfg.eval_reference
+    if str(cfg.data).startswith("digits"):
+        return "digits"
+    if (data_info or {}).get("latent"):
+        raise ValueError(f"{cfg.data!r} holds VAE latents, not images, so it cannot be the evaluation reference; "
+                         "pass --eval-reference with the image folder/.npz the latents were extracted from")
+    return cfg.data
+
+
 def evaluate_run(model, objective, cfg: TrainConfig, dataset, num_classes, shape_chw, device,
                  data_info: dict | None = None) -> dict:
     """Sample ``eval_samples_per_class`` images per class with the EMA model and score them.
 
-    Uses ``ssmdiff.evaluate.evaluate_samples`` against the held-out split of the training data.
+    Uses ``ssmdiff.evaluate.evaluate_samples`` against ``eval_reference_for(cfg)`` with digit-classifier features
+    for the digits and Inception features (``cfg.inception_weights``, never downloaded) otherwise.
     """
     from .evaluate import evaluate_samples
 
+    reference = eval_reference_for(cfg, data_info)
     t0 = time.time()
     per_class = cfg.eval_samples_per_class
     model.eval()
     imgs, labels = sample_class_grid(model, objective, cfg, num_classes, shape_chw, device, per_class,
                                      seed=cfg.seed + 1, data_info=data_info)
     t_sample = time.time() - t0
-    res = evaluate_samples(imgs, labels=labels, reference=cfg.data)
+    res = evaluate_samples(imgs, labels=labels, reference=reference, inception_weights=cfg.inception_weights,
+                           allow_download=False, device="cpu" if str(reference).startswith("digits") else device)
     out = {
         "num_samples": int(len(imgs)), "sampler": cfg.sampler, "sample_steps": cfg.sample_steps,
         "guidance_scale": cfg.guidance_scale, "ema": True, "sample_seconds": round(t_sample, 1),

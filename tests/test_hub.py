@@ -161,3 +161,88 @@ def test_export_options_and_errors(trained_run, tmp_path):
         export_pipeline(tmp_path / "no-run", tmp_path / "x")
     with pytest.raises(FileNotFoundError, match="not an ssmdiff pipeline folder"):
         load_pipeline_run(run_dir)
+
+
+# ------------------------------------------------------------------------------------------- the CLI around it
+def test_cli_export_then_sample_and_evaluate_folder(trained_run, tmp_path, capsys):
+    from ssmdiff.cli import main
+
+    run_dir, _ = trained_run
+    out = str(tmp_path / "pipe")
+    assert main(["export", run_dir, out, "--sampler", "dpm++2m"]) == 0
+    assert is_pipeline_folder(out)
+    assert main(["export", run_dir, out]) == 2  # occupied: one clear error line, no traceback
+    assert "not empty" in capsys.readouterr().err
+    assert main(["export", run_dir, out, "--overwrite", "--no-ema"]) == 0
+    with open(os.path.join(out, "ssmdiff.json")) as f:
+        assert json.load(f)["ema"] is False
+    assert main(["export", run_dir, out, "--overwrite"]) == 0
+
+    # same seed, sampler and steps: the folder and its run give identical images
+    common = ["--num-images", "5", "--batch-size", "3", "--sampler", "dpm++2m", "--steps", "3", "--seed", "2",
+              "--guidance-scale", "2.0", "--no-progress", "--no-singles"]
+    assert main(["sample", run_dir, "--out", str(tmp_path / "from_run"), *common]) == 0
+    assert main(["sample", out, *common]) == 0  # default output folder: inside the pipeline folder
+    default_out = os.path.join(out, "samples", "sample-step4-seed2")
+    run_npz, folder_npz = str(tmp_path / "from_run" / "samples.npz"), os.path.join(default_out, "samples.npz")
+    with np.load(run_npz) as a, np.load(folder_npz) as b:
+        assert a["arr_0"].shape == (5, 8, 8, 1)
+        assert np.array_equal(a["arr_0"], b["arr_0"]) and np.array_equal(a["labels"], b["labels"])
+
+    # evaluate generates from a pipeline folder, then scores
+    capsys.readouterr()
+    assert main(["evaluate", out, "--num-images", "10", "--steps", "2", "--metrics", "accuracy,fd"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["num_samples"] == 10 and 0.0 <= res["accuracy"] <= 1.0 and "fd" in res
+
+
+def test_cli_evaluate_image_folder_keeps_class_labels(trained_run, tmp_path, capsys):
+    """A folder of `_class{k}` PNGs is scored with those labels (class accuracy needs them)."""
+    from ssmdiff.cli import main
+    from ssmdiff.evaluate import load_image_batch
+
+    run_dir, _ = trained_run
+    sdir = str(tmp_path / "s")
+    assert main(["sample", run_dir, "--num-images", "6", "--classes", "2,7", "--steps", "2", "--out", sdir,
+                 "--no-progress"]) == 0
+    images_dir = os.path.join(sdir, "images")
+    _, labels = load_image_batch(images_dir)
+    assert sorted(labels.tolist()) == [2, 2, 2, 7, 7, 7]
+    capsys.readouterr()
+    assert main(["evaluate", images_dir, "--metrics", "accuracy"]) == 0
+    from_folder = json.loads(capsys.readouterr().out)
+    assert main(["evaluate", os.path.join(sdir, "samples.npz"), "--metrics", "accuracy"]) == 0
+    from_npz = json.loads(capsys.readouterr().out)
+    assert "accuracy" in from_folder and from_folder["accuracy"] == from_npz["accuracy"]
+
+
+def test_cli_sample_above_trained_resolution(trained_run, tmp_path, capsys):
+    """`ssmdiff sample --image-size 2N [--upsample-guidance]` on a run trained at N (here DiT at 8x8)."""
+    from ssmdiff.cli import main
+
+    run_dir, _ = trained_run
+    common = ["--num-images", "2", "--classes", "1", "--sampler", "dpm++2m", "--steps", "3", "--seed", "3",
+              "--no-progress", "--no-singles"]
+
+    def images(name, *flags):
+        out = str(tmp_path / name)
+        assert main(["sample", run_dir, "--out", out, *common, *flags]) == 0
+        with np.load(os.path.join(out, "samples.npz")) as z:
+            return z["arr_0"]
+
+    trained = images("trained")
+    assert np.array_equal(images("same", "--image-size", "8"), trained)  # the trained size changes nothing
+    plain = images("plain", "--image-size", "16")
+    assert plain.shape == (2, 16, 16, 1)
+    off = images("off", "--image-size", "16", "--upsample-guidance", "--ug-weight", "0")
+    on = images("on", "--image-size", "16", "--upsample-guidance")
+    assert np.array_equal(off, plain)  # weight 0: plain sampling at 16x16
+    assert on.shape == plain.shape and not np.array_equal(on, plain)
+    with open(tmp_path / "on" / "sampling.json") as f:
+        rec = json.load(f)
+    assert rec["image_size"] == 16 and rec["upsample_guidance"] == {"weight": 1.0, "fraction": 0.3}
+    capsys.readouterr()
+    assert main(["sample", run_dir, "--upsample-guidance", *common]) == 2
+    assert "--image-size" in capsys.readouterr().err
+    assert main(["sample", run_dir, "--image-size", "12", "--upsample-guidance", *common]) == 2
+    assert "2x, 3x" in capsys.readouterr().err
