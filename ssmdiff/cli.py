@@ -264,6 +264,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--filter", default=None, help="only names containing this text")
     m.add_argument("--json", action=argparse.BooleanOptionalAction, default=False, help="print JSON")
 
+    # Listed here for `ssmdiff --help`; main() hands its arguments to ssmdiff.bench's own parser unparsed.
+    sub.add_parser("bench", add_help=False,
+                   help="benchmark SSM backbones against DiT (images/s, memory, MFU); see `ssmdiff bench --help`")
+
     x = sub.add_parser("extract-latents", help="encode a dataset with a VAE into latent shards for training")
     x.add_argument("--data", required=True, help="dataset spec (as for train --data)")
     x.add_argument("--vae", required=True, help="diffusers AutoencoderKL: local folder or hub id")
@@ -515,6 +519,11 @@ COMMANDS = {
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``ssmdiff`` console script; returns the exit status."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:
+        from .bench import main as bench_main
+
+        return bench_main(argv[1:])
     parser = build_parser()
     ns = parser.parse_args(argv)
     if ns.command is None:

@@ -125,3 +125,15 @@ def test_models_table(capsys):
     assert main(["models", "--filter", "DiS-T", "--input-size", "8", "--in-channels", "1", "--num-classes", "10"]) == 0
     out = capsys.readouterr().out
     assert "DiS-T/2" in out and "DiT" not in out
+
+
+def test_bench_subcommand_hands_arguments_to_the_benchmark(capsys):
+    from ssmdiff.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "--tokens", "many"])
+    assert exc.value.code == 2
+    assert "ssmdiff bench: error: argument --tokens" in capsys.readouterr().err
+    from ssmdiff.cli import build_parser
+
+    assert "bench" in build_parser().format_help()
