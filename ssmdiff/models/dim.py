@@ -25,6 +25,7 @@ from diffusers.configuration_utils import register_to_config
 
 from .dis import make_mixer
 from .layers import (
+    init_uvit_ssm_weights,
     DropPath,
     no_weight_decay_names,
     check_inputs,
@@ -193,29 +194,12 @@ class DiM(SSMDiffModelMixin):
     def initialize_weights(self, n_layers: int) -> None:
         for p in (self.pos_embed, self.pad_tokens, self.sep_tokens):
             nn.init.trunc_normal_(p, std=0.02)
-        for m in [self.patch_embed, self.t_embedder, self.y_embedder, self.t_block]:
-            if m is None:
-                continue
-            for sub in m.modules():
-                if isinstance(sub, nn.Linear):
-                    nn.init.trunc_normal_(sub.weight, std=0.02)
-                    nn.init.zeros_(sub.bias)
-                elif isinstance(sub, nn.Embedding):
-                    nn.init.normal_(sub.weight, std=0.02)
+        init_uvit_ssm_weights([self.patch_embed, self.t_embedder, self.y_embedder, self.t_block], self.blocks(),
+                              self.final_layer, n_layers)
         # The local-enhancement convs start as the identity's residual: zero, then learned.
         for conv in (self.conv_in, self.conv_out):
             nn.init.zeros_(conv.weight)
             nn.init.zeros_(conv.bias)
-        for blk in self.blocks():
-            if blk.skip_linear is not None:
-                nn.init.trunc_normal_(blk.skip_linear.weight, std=0.02)
-                nn.init.zeros_(blk.skip_linear.bias)
-            out_proj = getattr(blk.mixer, "out_proj", None)
-            if isinstance(out_proj, nn.Linear):
-                nn.init.kaiming_uniform_(out_proj.weight, a=math.sqrt(5))
-                with torch.no_grad():
-                    out_proj.weight /= math.sqrt(n_layers)
-        self.final_layer.reset_parameters()
 
     def blocks(self):
         """The layers in execution order."""

@@ -19,6 +19,7 @@ from diffusers import ModelMixin  # noqa: F401 - diffusers' pipeline loader look
 from diffusers.configuration_utils import register_to_config
 
 from .layers import (
+    init_uvit_ssm_weights,
     no_weight_decay_names,
     check_inputs,
     DropPath,
@@ -158,27 +159,8 @@ class DiS(SSMDiffModelMixin):
 
     def initialize_weights(self, n_layers: int) -> None:
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
-        for m in [self.patch_embed, self.time_embed, self.label_emb, self.final_layer]:
-            if m is None:
-                continue
-            for sub in m.modules():
-                if isinstance(sub, nn.Linear):
-                    nn.init.trunc_normal_(sub.weight, std=0.02)
-                    nn.init.zeros_(sub.bias)
-                elif isinstance(sub, nn.Embedding):
-                    nn.init.normal_(sub.weight, std=0.02)
-        for blk in self.blocks():
-            if blk.skip_linear is not None:
-                nn.init.trunc_normal_(blk.skip_linear.weight, std=0.02)
-                nn.init.zeros_(blk.skip_linear.bias)
-            # GPT-2 scheme used by mamba-ssm: residual-branch outputs scaled by 1/sqrt(#layers) keep the
-            # fp32 residual stream's variance flat over depth.
-            out_proj = getattr(blk.mixer, "out_proj", None)
-            if isinstance(out_proj, nn.Linear):
-                nn.init.kaiming_uniform_(out_proj.weight, a=math.sqrt(5))
-                with torch.no_grad():
-                    out_proj.weight /= math.sqrt(n_layers)
-        self.final_layer.reset_parameters()
+        init_uvit_ssm_weights([self.patch_embed, self.time_embed, self.label_emb, self.final_layer], self.blocks(),
+                              self.final_layer, n_layers)
 
     def blocks(self):
         """The depth + 1 blocks in execution order."""

@@ -231,6 +231,34 @@ def check_inputs(model, x: torch.Tensor, t: torch.Tensor) -> None:
         raise ValueError(f"timesteps t must have shape ({x.shape[0]},), got {tuple(t.shape)}")
 
 
+def init_uvit_ssm_weights(embedders, blocks, final_layer, n_layers: int) -> None:
+    """Initialisation shared by the U-ViT-style SSM backbones (DiS, DiM).
+
+    Embedder Linears get trunc-normal(0.02) weights and zero biases, embeddings normal(0.02); long-skip Linears
+    likewise. Mixer out_proj weights follow the GPT-2 scheme used by mamba-ssm: kaiming-uniform scaled by
+    1/sqrt(n_layers), so the fp32 residual stream's variance stays flat over depth.
+    """
+    for m in embedders:
+        if m is None:
+            continue
+        for sub in m.modules():
+            if isinstance(sub, nn.Linear):
+                nn.init.trunc_normal_(sub.weight, std=0.02)
+                nn.init.zeros_(sub.bias)
+            elif isinstance(sub, nn.Embedding):
+                nn.init.normal_(sub.weight, std=0.02)
+    for blk in blocks:
+        if blk.skip_linear is not None:
+            nn.init.trunc_normal_(blk.skip_linear.weight, std=0.02)
+            nn.init.zeros_(blk.skip_linear.bias)
+        out_proj = getattr(blk.mixer, "out_proj", None)
+        if isinstance(out_proj, nn.Linear):
+            nn.init.kaiming_uniform_(out_proj.weight, a=math.sqrt(5))
+            with torch.no_grad():
+                out_proj.weight /= math.sqrt(n_layers)
+    final_layer.reset_parameters()
+
+
 def no_weight_decay_names(model: nn.Module, extra=()) -> set[str]:
     """Names of parameters that should not be decayed: those a mixer flags with ``_no_weight_decay`` (A_log, D,
     S4D dynamics) plus the model's learned tables named in ``extra``."""
