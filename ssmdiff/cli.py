@@ -50,6 +50,8 @@ _TRAIN_HELP = {
     "seed": "random seed",
     "device": "'auto', 'cpu' or 'cuda[:N]'",
     "num_workers": "DataLoader workers (0 keeps --resume exact)",
+    "threads": "CPU threads for training (default: 1 for models under 5M parameters, where a second thread costs "
+               "more than it gains; torch's default otherwise)",
     "run_dir": "run folder (default runs/<name>)",
     "overwrite": "start again in a run folder that already has checkpoints",
     "resume": "continue the run in the run folder from its latest checkpoint",
@@ -145,7 +147,7 @@ _CHOICES = {
     "sampler": ["ddpm", "ddim", "dpm++2m", "dpm++3m", "euler", "heun"],
 }
 _POSITIVE = {"steps", "batch_size", "grad_accum", "ckpt_every", "log_every", "diffusion_steps", "sample_steps",
-             "image_size", "stop_at"}
+             "image_size", "stop_at", "threads"}
 _NONNEG = {"warmup_steps", "keep_last", "sample_every", "samples_per_class", "eval_samples_per_class",
            "num_workers", "seed"}
 

@@ -178,3 +178,16 @@ def test_registry_backbone_with_checkpointing_and_drop_path(tmp_path):
     assert state["model_config"]["drop_path_rate"] == 0.2 and state["model_config"]["hidden_size"] == 32
     assert state["objective_config"]["prediction"] == "v"
     assert state["data"]["num_classes"] == 10 and state["data"]["image_size"] == 8
+
+
+@pytest.mark.parametrize("threads, expected", [(None, 1), (2, 2)])
+def test_cpu_threads_small_models_default_to_one(tmp_path, threads, expected):
+    # Tiny models lose more to thread synchronisation than they gain (see train.SMALL_MODEL_PARAMS);
+    # an explicit --threads always wins.
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        run_tiny(str(tmp_path / "run"), steps=1, threads=threads)
+        assert torch.get_num_threads() == expected
+    finally:
+        torch.set_num_threads(before)
