@@ -1,0 +1,103 @@
+"""Depthwise causal conv1d benchmark: the shifted-multiply-add version against F.conv1d, in the same run.
+
+    python benchmarks/conv.py                  # the two mixer shapes, fp32 and bf16
+    python benchmarks/conv.py --step           # plus one DiS-S/2 fp32 training step (batch 2, 1024 tokens)
+
+Prints wall milliseconds (median of --repeats) and CPU milliseconds (time.process_time, all threads; the machine
+may be shared, so CPU time is the steadier figure) for forward and forward+backward of each implementation.
+Inputs are (batch, length, channels) tensors viewed as (batch, channels, length), the layout the mixers pass.
+The training step swaps the mixers' conv for the F.conv1d version to give "old" figures from the same process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from ssmdiff.ssm.modules import conv as conv_mod
+from ssmdiff.ssm.modules import mamba as mamba_mod
+from ssmdiff.ssm.modules import mamba2 as mamba2_mod
+
+IMPLS = {"old (F.conv1d)": conv_mod.depthwise_conv1d_reference, "new (shifted MACs)": conv_mod.depthwise_conv1d}
+
+
+def _time(fn, repeats: int):
+    fn()  # warm-up
+    walls, cpus = [], []
+    for _ in range(repeats):
+        w0, c0 = time.perf_counter(), time.process_time()
+        fn()
+        walls.append(time.perf_counter() - w0)
+        cpus.append(time.process_time() - c0)
+    return statistics.median(walls) * 1e3, statistics.median(cpus) * 1e3
+
+
+def bench_conv(shapes, dtypes, k: int, repeats: int):
+    print(f"{'shape (B,C,L)':>18} {'dtype':>9} {'impl':>20} {'fwd ms':>9} {'fwd cpu':>9} {'f+b ms':>9} {'f+b cpu':>9}")
+    for B, C, L in shapes:
+        for dtype in dtypes:
+            g = torch.Generator().manual_seed(0)
+            x = torch.randn(B, L, C, generator=g).to(dtype).transpose(1, 2).requires_grad_()
+            w = torch.randn(C, 1, k, generator=g).to(dtype).requires_grad_()
+            b = torch.randn(C, generator=g).to(dtype).requires_grad_()
+            grad = torch.randn(B, C, L, generator=g).to(dtype)
+            for name, fn in IMPLS.items():
+                def fwd():
+                    with torch.no_grad():
+                        fn(x, w, b)
+
+                def fwd_bwd():
+                    torch.autograd.grad(fn(x, w, b), (x, w, b), grad)
+
+                f, fc = _time(fwd, repeats)
+                fb, fbc = _time(fwd_bwd, repeats)
+                print(f"{str((B, C, L)):>18} {str(dtype).replace('torch.', ''):>9} {name:>20} "
+                      f"{f:9.2f} {fc:9.2f} {fb:9.2f} {fbc:9.2f}", flush=True)
+
+
+def bench_step(repeats: int):
+    from ssmdiff.models.registry import create_model
+
+    torch.manual_seed(0)
+    model = create_model("DiS-S/2", input_size=64, in_channels=4, num_classes=0)  # 32x32 = 1024 patch tokens
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    x = torch.randn(2, 4, 64, 64)
+    t = torch.randint(0, 1000, (2,)).float()
+
+    def step():
+        out = model(x, t, None)
+        loss = out.square().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    print(f"\nDiS-S/2 fp32 training step, batch 2, 1024 tokens ({torch.get_num_threads()} threads)")
+    original = mamba_mod.depthwise_conv1d, mamba2_mod.depthwise_conv1d
+    try:
+        for name, fn in IMPLS.items():
+            mamba_mod.depthwise_conv1d = mamba2_mod.depthwise_conv1d = fn
+            wall, cpu = _time(step, repeats)
+            print(f"{name:>20}: {wall:9.1f} ms wall  {cpu:9.1f} ms CPU", flush=True)
+    finally:
+        mamba_mod.depthwise_conv1d, mamba2_mod.depthwise_conv1d = original
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--k", type=int, default=4)
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--step", action="store_true", help="also time one DiS-S/2 fp32 training step, old vs new")
+    p.add_argument("--step-repeats", type=int, default=3)
+    args = p.parse_args(argv)
+    if args.k < 1:
+        raise SystemExit("--k must be >= 1")
+    bench_conv([(4, 736, 1026), (64, 128, 20)], [torch.float32, torch.bfloat16], args.k, args.repeats)
+    if args.step:
+        bench_step(args.step_repeats)
+
+
+if __name__ == "__main__":
+    main()
