@@ -91,34 +91,24 @@ def _parse_bool_free_type(tp):
     return tp
 
 
-def _positive_int(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {s!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {v}")
-    return v
+def _number(convert, what: str, minimum):
+    """An argparse type: ``convert`` the text, then require ``value >= minimum`` (NaN fails too)."""
+
+    def parse(s: str):
+        try:
+            v = convert(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {s!r}") from None
+        if not v >= minimum:
+            raise argparse.ArgumentTypeError(f"expected {what} >= {minimum}, got {s}")
+        return v
+
+    return parse
 
 
-def _nonneg_int(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {s!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {v}")
-    return v
-
-
-def _nonneg_float(s: str) -> float:
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
-    if not v >= 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {s}")
-    return v
+_positive_int = _number(int, "an integer", 1)
+_nonneg_int = _number(int, "an integer", 0)
+_nonneg_float = _number(float, "a number", 0)
 
 
 def _json_dict(s: str) -> dict:
