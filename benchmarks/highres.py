@@ -58,6 +58,9 @@ def main(argv=None) -> int:
     ap.add_argument("--ckpt-every", type=int, default=100)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--skip-w2s", action="store_true", help="only the upsample-guidance table")
+    ap.add_argument("--skip-ug", action="store_true", help="only the weak-to-strong table")
+    ap.add_argument("--only", choices=["w2s", "scratch"], default=None,
+                    help="train just one arm of the weak-to-strong comparison (run two processes side by side)")
     args = ap.parse_args(argv)
     if not os.path.isdir(args.run):
         ap.error(f"{args.run} is not a run folder: train one first with `ssmdiff train`")
@@ -68,16 +71,18 @@ def main(argv=None) -> int:
     result = {"run": args.run, "num_images": args.num_images}
     t0 = time.time()
     base = score(args.run, n=args.num_images, seed=args.seed)
-    rows = [("8x8 (trained size)", base), ("16x16, no guidance", score(args.run, n=args.num_images, seed=args.seed,
-                                                                       image_size=16))]
-    for f in args.fractions:
-        rows.append((f"16x16, upsample guidance, fraction {f:g}",
-                     score(args.run, n=args.num_images, seed=args.seed, image_size=16, fraction=f)))
-    result["upsample_guidance"] = [{"setting": s, "accuracy": a} for s, a in rows]
-    print(f"\nTraining-free 2x sampling of {args.run} ({args.num_images} samples, digit-classifier accuracy)")
-    for s, a in rows:
-        print(f"  {s:<42s} {a:6.3f}")
-    print(f"  ({time.time() - t0:.0f} s)")
+    result["accuracy_8x8"] = base
+    if not args.skip_ug:
+        rows = [("8x8 (trained size)", base),
+                ("16x16, no guidance", score(args.run, n=args.num_images, seed=args.seed, image_size=16))]
+        for f in args.fractions:
+            rows.append((f"16x16, upsample guidance, fraction {f:g}",
+                         score(args.run, n=args.num_images, seed=args.seed, image_size=16, fraction=f)))
+        result["upsample_guidance"] = [{"setting": s, "accuracy": a} for s, a in rows]
+        print(f"\nTraining-free 2x sampling of {args.run} ({args.num_images} samples, digit-classifier accuracy)")
+        for s, a in rows:
+            print(f"  {s:<42s} {a:6.3f}")
+        print(f"  ({time.time() - t0:.0f} s)")
 
     if not args.skip_w2s:
         common = ["--image-size", "16", "--steps", str(args.steps), "--ckpt-every", str(args.ckpt_every),
@@ -85,6 +90,8 @@ def main(argv=None) -> int:
                   "--no-evaluate", "--no-progress", "--seed", str(args.seed), "--overwrite"]
         runs = {"weak-to-strong (init from 8x8)": ["--init-from", args.run],
                 "from scratch": []}
+        if args.only:
+            runs = {k: v for k, v in runs.items() if bool(v) == (args.only == "w2s")}
         table = {}
         for label, extra in runs.items():
             run_dir = os.path.join(args.out, "w2s" if extra else "scratch")
@@ -107,9 +114,10 @@ def main(argv=None) -> int:
             result.setdefault("steps_to_reach_8x8_accuracy", {})[label] = first
             print(f"  first checkpoint within 2 points of the 8x8 accuracy, {label}: "
                   f"{first if first is not None else 'not reached'}")
-    with open(os.path.join(args.out, "highres.json"), "w") as fh:
+    name = "highres.json" if args.only is None else f"highres-{args.only}.json"
+    with open(os.path.join(args.out, name), "w") as fh:
         json.dump(result, fh, indent=1)
-    print(f"\nwrote {os.path.join(args.out, 'highres.json')}")
+    print(f"\nwrote {os.path.join(args.out, name)}")
     return 0
 
 
