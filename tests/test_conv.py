@@ -91,3 +91,104 @@ def test_bad_shapes_and_mixed_dtypes_raise():
         depthwise_conv1d(torch.randn(2, 4, 5), torch.randn(3, 1, 4), None)
     with pytest.raises(ValueError, match="dtype"):
         depthwise_conv1d(torch.randn(2, 4, 5), torch.randn(4, 1, 4, dtype=torch.float64), None)
+
+
+# ------------------------------------------------------------------ fused conv + SiLU (compiled CPU kernel)
+
+def _fused_available():
+    from ssmdiff.ssm.ops import _scan_cpu
+
+    return _scan_cpu.available()
+
+
+needs_kernel = pytest.mark.skipif(not _fused_available(), reason="the compiled CPU kernel cannot be built here")
+
+
+@needs_kernel
+@pytest.mark.parametrize("k", [1, 3, 4])
+@pytest.mark.parametrize("length", [1, 2, 5, 300])
+@pytest.mark.parametrize("dirs", [(False,), (True,), (False, True), (True, True)])
+def test_conv_silu_matches_the_unfused_composition(k, length, dirs):
+    """Outputs and all gradients of the fused kernel against silu(loop conv) in float64, one or two directions
+    sharing x, with and without bias, including lengths shorter than the kernel."""
+    from ssmdiff.ssm.modules.conv import conv_silu
+
+    torch.manual_seed(k * 1000 + length)
+    C = 24
+    x = torch.randn(3, C, length)
+    params = []
+    for j, _ in enumerate(dirs):
+        params += [torch.randn(C, 1, k) * 0.5, torch.randn(C) * 0.5 if j == 0 else None]
+    grads = [torch.randn(3, C, length) for _ in dirs]
+
+    def run(fused):
+        leaves = [x.clone().requires_grad_()] + [p.clone().requires_grad_() if p is not None else None
+                                                 for p in params]
+        if fused:
+            outs = conv_silu(leaves[0], [(leaves[1 + 2 * j], leaves[2 + 2 * j], r) for j, r in enumerate(dirs)])
+        else:
+            outs = tuple(F.silu(_loop_conv(leaves[0].double(), leaves[1 + 2 * j].double(),
+                                           None if leaves[2 + 2 * j] is None else leaves[2 + 2 * j].double(), r))
+                         for j, r in enumerate(dirs))
+        inputs = [t for t in leaves if t is not None]
+        return [o.double() for o in outs], torch.autograd.grad(outs, inputs, [g.to(o.dtype) for g, o in
+                                                                              zip(grads, outs)])
+
+    outs, gr = run(True)
+    outs_ref, gr_ref = run(False)
+    for a, b in zip(outs, outs_ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    for a, b in zip(gr, gr_ref):
+        torch.testing.assert_close(a.double(), b.double(), rtol=1e-4, atol=1e-4)
+
+
+@needs_kernel
+def test_conv_silu_bf16_input_and_errors():
+    from ssmdiff.ssm.modules.conv import conv_silu
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 40)
+    w, b = torch.randn(8, 1, 4), torch.randn(8)
+    (got,) = conv_silu(x.bfloat16(), [(w, b, True)])
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), F.silu(_loop_conv(x, w, b, True)), rtol=3e-2, atol=3e-2)
+    with pytest.raises(ValueError, match="one or two"):
+        conv_silu(x, [])
+    with pytest.raises(ValueError, match="channels"):
+        conv_silu(x, [(torch.randn(7, 1, 4), None, False)])
+    with pytest.raises(ValueError, match="same kernel size"):
+        conv_silu(x, [(w, b, False), (torch.randn(8, 1, 3), None, True)])
+
+
+def test_conv_silu_meta_records_the_conv_flops():
+    from ssmdiff.ssm.modules.conv import conv_silu
+
+    x = torch.empty(2, 8, 50, device="meta")
+    w = torch.empty(8, 1, 4, device="meta")
+    with count_extra_flops() as counts:
+        outs = conv_silu(x, [(w, None, False), (w, None, True)])
+    assert [o.shape for o in outs] == [x.shape, x.shape]
+    assert counts["depthwise_conv"] == 2 * 2 * 8 * 50 * 4
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_from_channel_major_matches_linear(autocast):
+    """The channel-major projection used by the Mamba mixers: same values and gradients as F.linear on the
+    transposed input, with the input gradient returned contiguous in the channel-major layout."""
+    from ssmdiff.ssm.modules.mamba import _FromChannelMajor
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 16, 37, requires_grad=True)
+    w = torch.randn(5, 16, requires_grad=True)
+    g = torch.randn(3, 37, 5)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = _FromChannelMajor.apply(x, w)
+        ref = F.linear(x.transpose(1, 2), w)
+    assert out.dtype == ref.dtype
+    gx, gw = torch.autograd.grad(out, (x, w), g.to(out.dtype))
+    rx, rw = torch.autograd.grad(ref, (x, w), g.to(ref.dtype))
+    tol = dict(rtol=2e-2, atol=5e-2) if autocast else dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.float(), ref.float(), **tol)
+    torch.testing.assert_close(gx, rx, **tol)
+    torch.testing.assert_close(gw, rw, **tol)
+    assert gx.is_contiguous() and gx.dtype == x.dtype and gw.dtype == w.dtype

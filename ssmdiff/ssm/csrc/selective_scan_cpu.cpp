@@ -39,6 +39,24 @@ struct ScanArgs {
   const float *dout;
   float *du, *ddelta, *dz, *dA_rows, *dD_rows, *dbias_rows, *dB_threads, *dC_threads;
 };
+
+// Depthwise conv1d over the length axis followed by SiLU, for up to two directions that read the same input (the
+// forward and backward branches of a bidirectional Mamba). Layouts: x, out[j], gout[j][*], dx : (batch, dim, len);
+// w[j] : (dim, k); bias[j] : (dim) or null; dw_rows[j] : (batch, dim, k); db_rows[j] : (batch, dim).
+// Direction j is causal (out[t] = silu(bias + sum_i w[i] x[t - (k-1) + i])) or, with reverse[j], anti-causal
+// (x[t + (k-1) - i]). The backward recomputes the pre-activations and writes one dx, the sum over directions.
+struct ConvSiluArgs {
+  int64_t batch, dim, len, k, ndir, nthreads;
+  int64_t reverse[2];
+  const float* x;
+  const float* w[2];
+  const float* bias[2];
+  float* out[2];
+  const float* gout[2];
+  float* dx;
+  float* dw_rows[2];
+  float* db_rows[2];
+};
 }
 
 namespace {
@@ -507,6 +525,8 @@ void backward_rows_vec(const ScanArgs& a, int64_t row0, int64_t row1, int64_t ti
   }
 }
 
+
+
 // Rows are handed out in small blocks rather than split evenly up front: on a shared or hyper-threaded machine one
 // descheduled thread would otherwise hold up the whole call. Each thread keeps its own index (for its private dB/dC
 // accumulator) whichever rows it ends up taking. With OpenMP the threads are the OpenMP runtime's pool, which is
@@ -557,11 +577,92 @@ void backward_impl(const ScanArgs& a) {
   });
 }
 
+
+// ---- Depthwise conv + SiLU (see ConvSiluArgs). Per row, a direction's pre-activation is computed into an
+// L1/L2-resident buffer; taps outside the sequence read zeros (the zero padding of nn.Conv1d truncated to length).
+inline void conv_row(const float* x, const float* w, float b, int64_t L, int64_t k, bool rev, float* pre) {
+  for (int64_t t = 0; t < L; ++t) pre[t] = b;
+  for (int64_t i = 0; i < k; ++i) {
+    const float wi = w[i];
+    const int64_t s = k - 1 - i;  // shift of tap i
+    if (s >= L) continue;
+    if (!rev) {
+      for (int64_t t = s; t < L; ++t) pre[t] += wi * x[t - s];
+    } else {
+      for (int64_t t = 0; t < L - s; ++t) pre[t] += wi * x[t + s];
+    }
+  }
+}
+
+void conv_silu_forward_rows(const ConvSiluArgs& a, int64_t row0, int64_t row1) {
+  const int64_t L = a.len, k = a.k;
+  std::vector<float> prebuf(L);
+  float* pre = prebuf.data();
+  for (int64_t row = row0; row < row1; ++row) {
+    const int64_t d = row % a.dim;
+    const float* xr = a.x + row * L;
+    for (int64_t j = 0; j < a.ndir; ++j) {
+      conv_row(xr, a.w[j] + d * k, a.bias[j] ? a.bias[j][d] : 0.0f, L, k, a.reverse[j] != 0, pre);
+      float* o = a.out[j] + row * L;
+      for (int64_t t = 0; t < L; ++t) o[t] = pre[t] * sigmoid(pre[t]);
+    }
+  }
+}
+
+void conv_silu_backward_rows(const ConvSiluArgs& a, int64_t row0, int64_t row1) {
+  const int64_t L = a.len, k = a.k;
+  std::vector<float> prebuf(L);
+  float* gp = prebuf.data();  // pre-activation, then in place its gradient
+  for (int64_t row = row0; row < row1; ++row) {
+    const int64_t d = row % a.dim;
+    const float* xr = a.x + row * L;
+    float* dxr = a.dx + row * L;
+    for (int64_t t = 0; t < L; ++t) dxr[t] = 0.0f;
+    for (int64_t j = 0; j < a.ndir; ++j) {
+      const float* w = a.w[j] + d * k;
+      const bool rev = a.reverse[j] != 0;
+      conv_row(xr, w, a.bias[j] ? a.bias[j][d] : 0.0f, L, k, rev, gp);
+      const float* g0 = a.gout[j] + row * L;
+      float db = 0.0f;
+      for (int64_t t = 0; t < L; ++t) {
+        const float p = gp[t], sg = sigmoid(p);
+        gp[t] = g0[t] * sg * (1.0f + p * (1.0f - sg));
+        db += gp[t];
+      }
+      if (a.db_rows[j]) a.db_rows[j][row] = db;
+      float* dw = a.dw_rows[j] + row * k;
+      for (int64_t i = 0; i < k; ++i) {
+        const int64_t s = k - 1 - i;
+        float acc = 0.0f;
+        if (s < L) {
+          if (!rev) {
+            for (int64_t t = s; t < L; ++t) acc += gp[t] * xr[t - s], dxr[t - s] += w[i] * gp[t];
+          } else {
+            for (int64_t t = 0; t < L - s; ++t) acc += gp[t] * xr[t + s], dxr[t + s] += w[i] * gp[t];
+          }
+        }
+        dw[i] = acc;
+      }
+    }
+  }
+}
+
+template <typename F>
+void parallel_conv_rows(const ConvSiluArgs& a, F&& fn) {
+  ScanArgs s{};
+  s.batch = a.batch, s.dim = a.dim, s.nthreads = a.nthreads;
+  parallel_rows(s, [&](int64_t r0, int64_t r1, int64_t) { fn(a, r0, r1); });
+}
+
 }  // namespace
 
 extern "C" {
 
-int ssmdiff_scan_abi_version() { return 1; }
+int ssmdiff_scan_abi_version() { return 2; }
+
+void ssmdiff_conv_silu_forward(const ConvSiluArgs* a) { parallel_conv_rows(*a, conv_silu_forward_rows); }
+
+void ssmdiff_conv_silu_backward(const ConvSiluArgs* a) { parallel_conv_rows(*a, conv_silu_backward_rows); }
 
 // Compile-time state sizes let the compiler unroll the state loop into whole vectors; others take the generic loop.
 void ssmdiff_scan_forward(const ScanArgs* a) {

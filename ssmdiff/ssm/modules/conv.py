@@ -109,3 +109,31 @@ def depthwise_conv1d_reference(x: torch.Tensor, weight: torch.Tensor, bias: torc
     if not reverse:
         return F.conv1d(x, weight, bias, padding=k - 1, groups=channels)[..., :length]
     return F.conv1d(F.pad(x, (0, k - 1)), weight.flip(-1), bias, groups=channels)
+
+
+def conv_silu(x: torch.Tensor, convs) -> tuple[torch.Tensor, ...]:
+    """``silu(depthwise_conv1d(x, weight, bias, reverse))`` for each ``(weight, bias, reverse)`` in ``convs`` (one or
+    two directions reading the same x), as a tuple.
+
+    On CPU with the compiled kernel (see ``ssmdiff.ssm.ops._scan_cpu``) all directions run in one pass over x, with
+    the SiLU fused and a backward that recomputes the pre-activations and returns a single dx: one read of x and one
+    write per output, where the unfused form makes k + 2 passes per direction and stores the pre-activation.
+    Elsewhere (CUDA, meta tensors, no compiler) it is the unfused composition, which also records the flops.
+    """
+    convs = list(convs)
+    if not 1 <= len(convs) <= 2:
+        raise ValueError(f"conv_silu takes one or two (weight, bias, reverse) directions, got {len(convs)}")
+    for weight, _, _ in convs:
+        if x.dim() != 3 or weight.dim() != 3 or weight.shape[1] != 1 or weight.shape[0] != x.shape[1]:
+            raise ValueError(f"conv_silu expects x (batch, channels, length) and weights (channels, 1, k); got "
+                             f"x {tuple(x.shape)} and weight {tuple(weight.shape)}")
+    if len({w.shape[-1] for w, _, _ in convs}) != 1:
+        raise ValueError("conv_silu: the directions must have the same kernel size")
+    from ..ops import _scan_cpu
+
+    if x.device.type == "cpu" and not counting_active() and _scan_cpu.available():
+        params = []
+        for weight, bias, _ in convs:
+            params += [weight, bias]
+        return _scan_cpu.ConvSiluCPU.apply(x, tuple(bool(r) for _, _, r in convs), *params)
+    return tuple(F.silu(depthwise_conv1d(x, w, b, reverse=r)) for w, b, r in convs)

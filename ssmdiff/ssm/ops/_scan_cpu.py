@@ -30,7 +30,7 @@ from torch.autograd.function import once_differentiable
 
 CHUNK = 64
 _SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "selective_scan_cpu.cpp"
-_ABI_VERSION = 1
+_ABI_VERSION = 2
 # -ffast-math only when compiling: linking with it would add crtfastmath.o, which flips the whole process into
 # flush-to-zero mode on load (the kernel flushes denormals only inside its own threads).
 _COMPILE_FLAGS = ["-O3", "-march=native", "-ffast-math", "-fPIC", "-std=c++17"]
@@ -51,6 +51,15 @@ class _ScanArgs(ctypes.Structure):
         + [(name, ctypes.c_void_p) for name in
            ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "out", "last_state", "chunk_states", "dout",
             "du", "ddelta", "dz", "dA_rows", "dD_rows", "dbias_rows", "dB_threads", "dC_threads")]
+    )
+
+
+class _ConvSiluArgs(ctypes.Structure):
+    _fields_ = (
+        [(name, ctypes.c_int64) for name in ("batch", "dim", "len", "k", "ndir", "nthreads")]
+        + [("reverse", ctypes.c_int64 * 2), ("x", ctypes.c_void_p), ("w", ctypes.c_void_p * 2),
+           ("bias", ctypes.c_void_p * 2), ("out", ctypes.c_void_p * 2), ("gout", ctypes.c_void_p * 2),
+           ("dx", ctypes.c_void_p), ("dw_rows", ctypes.c_void_p * 2), ("db_rows", ctypes.c_void_p * 2)]
     )
 
 
@@ -135,6 +144,9 @@ def load_library():
                 raise RuntimeError("stale kernel library in the cache")
             for fn in (lib.ssmdiff_scan_forward, lib.ssmdiff_scan_backward):
                 fn.argtypes = [ctypes.POINTER(_ScanArgs)]
+                fn.restype = None
+            for fn in (lib.ssmdiff_conv_silu_forward, lib.ssmdiff_conv_silu_backward):
+                fn.argtypes = [ctypes.POINTER(_ConvSiluArgs)]
                 fn.restype = None
             _lib = lib
         except Exception as exc:  # any failure means "use the PyTorch path", never a crash
@@ -256,3 +268,64 @@ def selective_scan_cpu(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
     keep = torch.is_grad_enabled() and any(t is not None and t.requires_grad
                                            for t in (u, delta, A, B, C, D, z, delta_bias))
     return SelectiveScanCPU.apply(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), bool(reverse), keep)
+
+
+# ------------------------------------------------------------------------------------ depthwise conv + SiLU
+
+def _conv_args(x: torch.Tensor, weights, biases, reverses) -> _ConvSiluArgs:
+    b, d, length = x.shape
+    a = _ConvSiluArgs()
+    a.batch, a.dim, a.len, a.k, a.ndir = b, d, length, weights[0].shape[-1], len(weights)
+    a.nthreads = _threads(b * d, b * d * length * a.k * 4)
+    a.x = _ptr(x)
+    for j, (w, bias, rev) in enumerate(zip(weights, biases, reverses)):
+        a.w[j], a.bias[j], a.reverse[j] = _ptr(w), _ptr(bias), int(rev)
+    return a
+
+
+class ConvSiluCPU(torch.autograd.Function):
+    """silu(depthwise causal/anti-causal conv1d(x)) for one or two directions sharing x, in one pass over x.
+
+    forward(x, reverses, w0, b0[, w1, b1]) -> one output per direction, in x's dtype (computed in float32).
+    The backward recomputes the pre-activation row by row instead of saving it, and returns dx summed over the
+    directions, so neither the pre-activations nor per-direction input gradients are ever stored.
+    """
+
+    @staticmethod
+    def forward(ctx, x, reverses, *params):
+        weights = [_f32(w.reshape(w.shape[0], -1)) for w in params[0::2]]
+        biases = [_f32(bias) for bias in params[1::2]]
+        xf = _f32(x)
+        outs = [torch.empty_like(xf) for _ in weights]
+        a = _conv_args(xf, weights, biases, reverses)
+        for j, o in enumerate(outs):
+            a.out[j] = _ptr(o)
+        _lib.ssmdiff_conv_silu_forward(ctypes.byref(a))
+        ctx.save_for_backward(x, *params)
+        ctx.reverses = reverses
+        return tuple(o.to(x.dtype) for o in outs)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, *grads):
+        x, *params = ctx.saved_tensors
+        weights = [_f32(w.reshape(w.shape[0], -1)) for w in params[0::2]]
+        biases = [_f32(bias) for bias in params[1::2]]
+        xf = _f32(x)
+        b, d, length = xf.shape
+        k = weights[0].shape[-1]
+        grads = [torch.zeros_like(xf) if g is None else _f32(g) for g in grads]
+        a = _conv_args(xf, weights, biases, ctx.reverses)
+        dx = torch.empty_like(xf)
+        dws = [torch.empty((b, d, k), dtype=torch.float32) for _ in weights]
+        dbs = [torch.empty((b, d), dtype=torch.float32) if bias is not None else None for bias in biases]
+        a.dx = _ptr(dx)
+        for j, g in enumerate(grads):
+            a.gout[j], a.dw_rows[j], a.db_rows[j] = _ptr(g), _ptr(dws[j]), _ptr(dbs[j])
+        _lib.ssmdiff_conv_silu_backward(ctypes.byref(a))
+        out = [dx.to(x.dtype), None]
+        for j in range(len(weights)):
+            w, bias = params[2 * j], params[2 * j + 1]
+            out.append(dws[j].sum(0).reshape(w.shape).to(w.dtype))
+            out.append(None if bias is None else dbs[j].sum(0).to(bias.dtype))
+        return tuple(out)
