@@ -571,28 +571,31 @@ def compute_ratios(rows: list[dict]) -> list[dict]:
 def check_bars(rows: list[dict]) -> dict:
     """Issue 6's CPU bars, judged from these rows only (a bar whose rows are missing is absent, not failed).
 
-    speed: at 1024 tokens and above, the fastest configuration of each state-space family (any dtype, mixer or
-    variant) trains and samples at least as fast as the fastest DiT of equal or lower Gflops at those tokens
-    (>= 2x at 4096). memory: training extra peak memory of each state-space model grows at most linearly with
-    tokens (per image: extra_mb / batch, allowing 25% for allocator slack). mfu: DiS-B/2 bf16 at 1024 tokens
-    trains at >= 25% MFU.
+    speed: at 1024 tokens and above, the fastest configuration of each state-space model (any dtype, mixer or
+    other override of the same name) trains and samples at least as fast as its matched DiT pair (``baseline_for``:
+    DiT-S/2 for the S models, DiT-B/2 for DiS-B/2) at its fastest dtype, and at least 2x as fast at 4096. Each bar
+    records both configurations and the Gflops ratio SSM / DiT at those tokens, so a reader sees whether the
+    state-space model did more or less arithmetic than the DiT it was compared with.
+    memory: training extra peak memory of each state-space model grows at most linearly with tokens (per image:
+    extra_mb / batch, allowing 25% for allocator slack). mfu: DiS-B/2 bf16 at 1024 tokens trains at >= 25% MFU.
     """
     ok = [r for r in rows if r.get("status") == "ok"]
     bars = {}
     for n in sorted({r["tokens"] for r in ok if r["tokens"] >= 1024}):
         need = 2.0 if n >= 4096 else 1.0
-        for fam in sorted({r["family"] for r in ok if r["family"] != "DiT"}):
-            ssm = [r for r in ok if r["family"] == fam and r["tokens"] == n]
-            ssm_gflops = min(r["gflops"] for r in ssm)
-            dit = [r for r in ok if r["family"] == "DiT" and r["tokens"] == n and r["gflops"] <= ssm_gflops * 1.0001]
-            if not dit:
+        for name in sorted({r["name"] for r in ok if r["family"] != "DiT" and r["tokens"] == n}):
+            ssm = [r for r in ok if r["name"] == name and r["tokens"] == n]
+            pair = ssm[0].get("baseline")
+            dit = [r for r in ok if r["name"] == pair and r["tokens"] == n and not r["overrides"]]
+            if not pair or not dit:
                 continue
             for phase in ("train", "sample"):
                 best_ssm = max(ssm, key=lambda r: r[f"{phase}_ips"])
                 best_dit = max(dit, key=lambda r: r[f"{phase}_ips"])
                 ratio = best_ssm[f"{phase}_ips"] / best_dit[f"{phase}_ips"]
-                bars[f"{fam} {phase} @{n} >= {need:g}x DiT"] = {
+                bars[f"{name} {phase} @{n} >= {need:g}x {pair}"] = {
                     "met": ratio >= need, "ratio": ratio,
+                    "gflops_ratio": best_ssm["gflops"] / best_dit["gflops"],
                     "ssm": f"{best_ssm['model']} {best_ssm['dtype']}", "dit": f"{best_dit['model']} {best_dit['dtype']}"}
     for spec in sorted({r["model"] for r in ok if r["family"] != "DiT"}):
         for dtype in sorted({r["dtype"] for r in ok}):

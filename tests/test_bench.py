@@ -80,12 +80,19 @@ def test_bars_from_rows():
         _row("DiS-S/2", 1024, "fp32", 1.5, 3.0, 32.0, 100.0),
         _row("DiS-S/2", 1024, "bf16", 0.5, 5.0, 32.0, 100.0),  # the fastest dtype counts, per phase
         _row("DiT-S/2", 4096, "fp32", 0.2, 1.0, 240.0, 400.0),
-        _row("DiS-S/2", 4096, "fp32", 0.3, 3.0, 130.0, 900.0),  # DiT has more Gflops here: no speed bar
+        _row("DiS-S/2", 4096, "fp32", 0.3, 3.0, 130.0, 900.0),
+        _row("DiM-S/2", 256, "fp32", 9.0, 9.0, 16.0, 10.0),  # below 1024 tokens: no speed bar
+        _row("DiT-S/2", 256, "fp32", 1.0, 1.0, 6.0, 10.0),
     ]
     bars = bench.check_bars(rows)
-    assert bars["DiS train @1024 >= 1x DiT"]["ratio"] == pytest.approx(1.5) and bars["DiS train @1024 >= 1x DiT"]["met"]
-    assert bars["DiS sample @1024 >= 1x DiT"]["ratio"] == pytest.approx(1.25)
-    assert not any("@4096" in k for k in bars)
+    train = bars["DiS-S/2 train @1024 >= 1x DiT-S/2"]
+    assert train["ratio"] == pytest.approx(1.5) and train["met"] and train["gflops_ratio"] == pytest.approx(32 / 30)
+    assert bars["DiS-S/2 sample @1024 >= 1x DiT-S/2"]["ratio"] == pytest.approx(1.25)
+    # At 4096 the bar is 2x the matched pair: 1.5x train is not enough, 3x sample is.
+    assert not bars["DiS-S/2 train @4096 >= 2x DiT-S/2"]["met"]
+    assert bars["DiS-S/2 sample @4096 >= 2x DiT-S/2"]["met"]
+    assert bars["DiS-S/2 sample @4096 >= 2x DiT-S/2"]["gflops_ratio"] == pytest.approx(130 / 240)
+    assert not any("@256" in k for k in bars)
     # 900/100 MB for 4x the tokens: 2.25x worse than linear.
     mem = bars["DiS-S/2 fp32 memory linear in tokens"]
     assert mem["growth_vs_linear"] == pytest.approx(2.25) and not mem["met"]
