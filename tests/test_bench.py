@@ -110,3 +110,13 @@ def test_profile_summary():
     assert len(summary["top"]) == 5
     assert summary["self_cpu_s_total"] == pytest.approx(sum(summary["categories"].values()))
     assert "matmul" in summary["categories"]
+
+
+def test_isolated_run_measures_sampling_memory_above_live_memory():
+    """In a fresh subprocess, the sampling forward's extra peak memory is measured after the training step's freed
+    memory has been returned (it used to read ~0 MB above a resident set still holding the step's activations)."""
+    cfg = {"name": "DiS-T/2", "overrides": {}, "tokens": 256, "batch": 4, "dtype": "fp32", "device": "cpu",
+           "num_classes": 10, "warmup": 0, "repeats": 1, "budget_s": 30.0, "threads": 1}
+    row = bench._run_isolated(cfg, timeout_s=120)
+    assert row["sample_extra_mb"] > 0.5, row
+    assert row["train_extra_mb"] > row["sample_extra_mb"]
