@@ -30,8 +30,9 @@ Batch: by default 4096 / tokens images, at most 16 (16, 4, 1): the same number o
 
 Peak memory, CPU: each configuration runs in a fresh subprocess. Timing runs with the default allocator; then
 glibc's mmap threshold is pinned at 64 KiB and the free heap is trimmed (``mallopt`` / ``malloc_trim``), so every
-tensor-sized buffer is mmapped and unmapped when freed and resident memory follows live memory; the kernel's
-peak-RSS counter is reset (/proc/self/clear_refs) and one more step runs. ``*_extra_mb`` is VmHWM minus VmRSS just
+tensor-sized buffer is mmapped and unmapped when freed and resident memory follows live memory; before each
+measured block the heap is trimmed again, the kernel's peak-RSS counter is reset (/proc/self/clear_refs) and one
+more step runs (a training step, then a sampling forward). ``*_extra_mb`` is VmHWM minus VmRSS just
 before that step (activations, gradients and temporaries); ``*_peak_mb`` is VmHWM minus the process's RSS before
 the model was built (weights and AdamW state included). CUDA: ``torch.cuda.max_memory_allocated`` in the same two
 flavours. Without subprocesses (``isolate=False``, used by the tests) the same counters are read in-process.
