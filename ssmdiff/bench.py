@@ -4,7 +4,8 @@
     python benchmarks/models.py --quick         # smoke run: 256 tokens, batch 2, one repeat
     python benchmarks/models.py --profile       # where one bf16 training step of DiS-S/2 and DiT-S/2 goes
 
-What is measured, for every (model, tokens, dtype) configuration:
+What is measured, for every (model, tokens, dtype) configuration (images/s from the fastest timed step, over the
+repeats and ``--rounds``; the median is kept in the JSON):
   train     images/s of one optimisation step: forward, a plain MSE loss, backward, AdamW step (fp32 weights;
             "bf16" = the forward and backward under ``torch.autocast(dtype=torch.bfloat16)``);
   sample    images/s of one denoising forward under ``torch.inference_mode`` (same autocast);
@@ -429,15 +430,19 @@ def _flops_and_params(name: str, overrides: dict, size: int, num_classes: int) -
 def run_model_benchmark(models=DEFAULT_MODELS, tokens=DEFAULT_TOKENS, dtypes=DTYPES, *, batch: int | None = None,
                         device: str = "cpu", num_classes: int = 1000, warmup: int = 1, repeats: int = 3,
                         budget_s: float = DEFAULT_BUDGET_S, threads: int | None = None, isolate: bool = True,
-                        add_baselines: bool = True, matmul_seconds: float = 2.0, progress=print) -> dict:
+                        add_baselines: bool = True, matmul_seconds: float = 2.0, rounds: int = 1,
+                        progress=print) -> dict:
     """Run the benchmark grid; returns {"rows": [...], "matmul_flops": {...}, "bars": {...}, "environment": {...}}.
 
     models: names or specs ("DiS-S/2:mixer=mamba2"); each state-space model's DiT pair is added when missing
     (``add_baselines``). tokens: image tokens per image (perfect squares). dtypes: "fp32" and/or "bf16" (autocast).
     batch: images per step, default ``default_batch(tokens)``. isolate: one fresh subprocess per configuration
     (honest peak memory); False measures in this process (fast, for tests; memory then includes whatever this
-    process freed earlier). budget_s: seconds of timed repeats per phase. Each row has status "ok", "skipped" or
-    "failed" (with "reason"); ratios against the paired DiT are filled in by ``compute_ratios``.
+    process freed earlier). budget_s: seconds of timed repeats per phase. rounds: measure every configuration
+    this many times, round-robin (round 2 starts after the last configuration of round 1), so that a burst of load
+    on a shared machine hits one measurement of each configuration rather than all of one; a row keeps every timed
+    step and reports the fastest (see ``_derive``). Each row has status "ok", "skipped" or "failed" (with
+    "reason"); ratios against the paired DiT are filled in by ``compute_ratios``.
     """
     import torch
 
@@ -468,8 +473,8 @@ def run_model_benchmark(models=DEFAULT_MODELS, tokens=DEFAULT_TOKENS, dtypes=DTY
         input_size_for("DiT-S/2", n)  # validates: positive perfect square
     if batch is not None and (not isinstance(batch, int) or batch < 1):
         raise ValueError(f"batch must be a positive int, got {batch!r}")
-    if budget_s <= 0 or repeats < 1 or warmup < 0:
-        raise ValueError("budget_s must be > 0, repeats >= 1 and warmup >= 0")
+    if budget_s <= 0 or repeats < 1 or warmup < 0 or not isinstance(rounds, int) or rounds < 1:
+        raise ValueError("budget_s must be > 0, repeats >= 1, rounds >= 1 and warmup >= 0")
     try:
         dev = torch.device(device)
     except RuntimeError:
@@ -498,7 +503,17 @@ def run_model_benchmark(models=DEFAULT_MODELS, tokens=DEFAULT_TOKENS, dtypes=DTY
     progress(f"  bf16 {rates['bf16'] / 1e9:.1f} GFLOP/s (n={rates['size']['bf16']}), "
              f"fp32 {rates['fp32'] / 1e9:.1f} GFLOP/s (n={rates['size']['fp32']})")
 
+    def measure(cfg):
+        if isolate:
+            # warm-up + repeats of both phases, model build and imports: a generous wall-clock limit.
+            return _run_isolated(cfg, timeout_s=4 * budget_s + 180)
+        try:
+            return measure_config(cfg)
+        except RuntimeError as e:  # out of memory and the like: keep the row, go on
+            return {"status": "failed", "reason": str(e).splitlines()[0][:300]}
+
     rows = []
+    measured = []  # [row, cfg, raw result] of every configuration measured in round 1, for the later rounds
     last_cost: dict = {}  # (spec, dtype) -> (seconds per train step, Gflops x batch) for the time estimate
     for n_tokens in tokens:
         for name, overrides in specs:
@@ -523,40 +538,63 @@ def run_model_benchmark(models=DEFAULT_MODELS, tokens=DEFAULT_TOKENS, dtypes=DTY
                 cfg = {"name": name, "overrides": overrides, "tokens": n_tokens, "batch": b, "dtype": dtype,
                        "device": device, "num_classes": num_classes, "warmup": warmup, "repeats": repeats,
                        "budget_s": budget_s, "threads": threads}
-                if isolate:
-                    # warm-up + repeats of both phases, model build and imports: a generous wall-clock limit.
-                    result = _run_isolated(cfg, timeout_s=4 * budget_s + 180)
-                else:
-                    try:
-                        result = measure_config(cfg)
-                    except RuntimeError as e:  # out of memory and the like: keep the row, go on
-                        result = {"status": "failed", "reason": str(e).splitlines()[0][:300]}
+                result = measure(cfg)
                 if "status" in result:
                     row.update(result)
                 else:
                     row.update(_derive(result, gflops, b, dtype, rates))
                     last_cost[(spec, dtype)] = (row["train_step_s"], gflops * b)
+                    measured.append([row, cfg, result])
                 rows.append(row)
                 progress(_row_line(row))
+    for r in range(1, rounds):
+        progress(f"round {r + 1} of {rounds}")
+        for item in measured:
+            row, cfg, raw = item
+            result = measure(cfg)
+            if "status" in result:  # a failure in a later round keeps the earlier measurement
+                progress(f"{row['model']} {row['tokens']} tok {row['dtype']}: round {r + 1} {result['status']}")
+                continue
+            item[2] = raw = _merge_rounds(raw, result)
+            row.update(_derive(raw, row["gflops"], row["batch"], row["dtype"], rates))
+            progress(_row_line(row))
     compute_ratios(rows)
     return {"rows": rows, "matmul_flops": rates, "bars": check_bars(rows), "environment": environment,
-            "settings": {"num_classes": num_classes, "warmup": warmup, "repeats": repeats, "budget_s": budget_s,
+            "settings": {"num_classes": num_classes, "warmup": warmup, "repeats": repeats, "rounds": rounds,
+                         "budget_s": budget_s,
                          "isolate": isolate, "batch": batch or f"{TOKENS_PER_BATCH} // tokens"}}
 
 
+def _merge_rounds(a: dict, b: dict) -> dict:
+    """Raw results of two rounds of one configuration: every timed step kept, memory the lower reading."""
+    out = dict(a)
+    for phase in ("train", "sample"):
+        pa, pb = a[phase], b[phase]
+        times = pa["times_s"] + pb["times_s"]
+        out[phase] = {"median_s": statistics.median(times), "times_s": times, "cpu_s": min(pa["cpu_s"], pb["cpu_s"])}
+    for key in ("train_extra_mb", "train_peak_mb", "sample_extra_mb", "sample_peak_mb"):
+        vals = [v for v in (a.get(key), b.get(key)) if v is not None]
+        out[key] = min(vals) if vals else None
+    return out
+
+
 def _derive(result: dict, gflops: float, batch: int, dtype: str, rates: dict) -> dict:
+    """Row fields from a raw result. Step times are the fastest timed step (over repeats and rounds): on a shared
+    machine a slower step measures the other jobs too, and the matmul rate that MFU divides by is also the
+    fastest product; the median is kept as ``*_median_s``."""
     train, sample = result["train"], result["sample"]
     rate = rates[dtype]
+    t_train, t_sample = min(train["times_s"]), min(sample["times_s"])
     out = {
         "status": "ok",
         "mixer_len": result.get("mixer_len"),
-        "train_step_s": train["median_s"], "train_times_s": train["times_s"], "train_cpu_s": train["cpu_s"],
-        "train_ips": batch / train["median_s"],
-        "sample_step_s": sample["median_s"], "sample_times_s": sample["times_s"], "sample_cpu_s": sample["cpu_s"],
-        "sample_ips": batch / sample["median_s"],
+        "train_step_s": t_train, "train_median_s": train["median_s"], "train_times_s": train["times_s"],
+        "train_cpu_s": train["cpu_s"], "train_ips": batch / t_train,
+        "sample_step_s": t_sample, "sample_median_s": sample["median_s"], "sample_times_s": sample["times_s"],
+        "sample_cpu_s": sample["cpu_s"], "sample_ips": batch / t_sample,
         # count_flops counts a multiply-add as one flop: x2 for real flops; a training step is ~3 forwards.
-        "train_mfu": 2 * 3 * gflops * 1e9 * batch / train["median_s"] / rate,
-        "sample_mfu": 2 * gflops * 1e9 * batch / sample["median_s"] / rate,
+        "train_mfu": 2 * 3 * gflops * 1e9 * batch / t_train / rate,
+        "sample_mfu": 2 * gflops * 1e9 * batch / t_sample / rate,
     }
     for key in ("train_extra_mb", "train_peak_mb", "sample_extra_mb", "sample_peak_mb"):
         out[key] = result.get(key)
@@ -821,6 +859,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=None, help=f"images per step (default {TOKENS_PER_BATCH} // tokens)")
     p.add_argument("--repeats", type=int, default=None, help="timed steps per phase (default 3; --quick 1)")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps before timing each phase (default 1)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="measure every configuration this many times, round-robin, keeping the fastest step "
+                        "(default 1; 2-3 on a shared machine)")
     p.add_argument("--budget", type=float, default=None,
                    help=f"seconds of timed repeats per phase and configuration (default {DEFAULT_BUDGET_S:.0f}; "
                         f"configurations estimated to take longer are skipped)")
@@ -859,6 +900,7 @@ def main(argv=None) -> int:
         result = run_model_benchmark(models, tokens, dtypes, batch=batch, device=args.device,
                                      num_classes=args.num_classes, warmup=args.warmup, repeats=repeats,
                                      budget_s=budget, threads=args.threads, isolate=not args.no_isolate,
+                                     rounds=args.rounds,
                                      matmul_seconds=args.matmul_seconds or (1.0 if args.quick else 2.0))
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -120,3 +120,16 @@ def test_isolated_run_measures_sampling_memory_above_live_memory():
     row = bench._run_isolated(cfg, timeout_s=120)
     assert row["sample_extra_mb"] > 0.5, row
     assert row["train_extra_mb"] > row["sample_extra_mb"]
+
+
+def test_rounds_keep_every_step_and_report_the_fastest(tmp_path):
+    result = bench.run_model_benchmark(["DiT-T/2"], [16], ["fp32"], batch=2, num_classes=10, warmup=0, repeats=2,
+                                       budget_s=5, isolate=False, matmul_seconds=0.1, rounds=2,
+                                       progress=lambda *_: None)
+    (row,) = result["rows"]
+    assert row["status"] == "ok" and len(row["train_times_s"]) == 4 and len(row["sample_times_s"]) == 4
+    assert row["train_step_s"] == min(row["train_times_s"]) and row["train_ips"] == pytest.approx(2 / row["train_step_s"])
+    assert row["sample_step_s"] == min(row["sample_times_s"])
+    assert result["settings"]["rounds"] == 2
+    with pytest.raises(ValueError, match="rounds"):
+        bench.run_model_benchmark(["DiT-T/2"], [16], ["fp32"], rounds=0, isolate=False)
