@@ -95,7 +95,13 @@ def test_bars_from_rows():
     assert not any("@256" in k for k in bars)
     # 900/100 MB for 4x the tokens: 2.25x worse than linear.
     mem = bars["DiS-S/2 fp32 memory linear in tokens"]
-    assert mem["growth_vs_linear"] == pytest.approx(2.25) and not mem["met"]
+    assert mem["growth_vs_linear"] == pytest.approx(2.25) and not mem["met"] and mem["basis"] == "batch 1"
+    # Rows of one batch at several lengths take precedence: memory vs length at a fixed batch.
+    same = [_row("DiffuSSM-S", 1024, "fp32", 1, 1, 14.0, 100.0, batch=1),
+            _row("DiffuSSM-S", 4096, "fp32", 1, 1, 57.0, 420.0, batch=1),
+            _row("DiffuSSM-S", 256, "fp32", 1, 1, 3.5, 400.0, batch=16)]
+    mem = bench.check_bars(same)["DiffuSSM-S fp32 memory linear in tokens"]
+    assert mem["basis"] == "batch 1" and mem["growth_vs_linear"] == pytest.approx(1.05) and mem["met"]
     ratios = bench.compute_ratios([dict(r) for r in rows])
     dis = next(r for r in ratios if r["model"] == "DiS-S/2" and r["tokens"] == 4096)
     assert dis["train_speed_ratio"] == pytest.approx(1.5)
