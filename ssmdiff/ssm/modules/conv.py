@@ -16,6 +16,14 @@ from torch.autograd.function import once_differentiable
 from ..ops.counting import counting_active, record_flops
 
 
+def autocast_dtype(t: torch.Tensor):
+    """The dtype autocast would compute in for tensors on ``t``'s device, or None when autocast is off there."""
+    kind = t.device.type
+    if kind in ("cpu", "cuda") and torch.is_autocast_enabled(kind):
+        return torch.get_autocast_dtype(kind)
+    return None
+
+
 def _shifted_macs(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, reverse: bool) -> torch.Tensor:
     """out[t] = bias + sum_s w[:, k-1-s] * x[t - s] (causal) or x[t + s] (anti-causal); w is (channels, k)."""
     k = w.shape[1]
@@ -85,9 +93,8 @@ def depthwise_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     if x.dim() != 3 or weight.dim() != 3 or weight.shape[1] != 1 or weight.shape[0] != x.shape[1]:
         raise ValueError(f"depthwise_conv1d expects x (batch, channels, length) and weight (channels, 1, k); got "
                          f"x {tuple(x.shape)} and weight {tuple(weight.shape)}")
-    device_type = x.device.type
-    if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
-        dtype = torch.get_autocast_dtype(device_type)
+    dtype = autocast_dtype(x)
+    if dtype is not None:
         x, weight = x.to(dtype), weight.to(dtype)
         bias = None if bias is None else bias.to(dtype)
     elif weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):

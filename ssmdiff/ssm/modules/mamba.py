@@ -16,7 +16,7 @@ import torch.nn as nn
 from torch.autograd.function import once_differentiable
 
 from ..ops.selective_scan import selective_scan
-from .conv import conv_silu
+from .conv import autocast_dtype, conv_silu
 
 
 def _resolve_dt_rank(dt_rank, d_model: int) -> int:
@@ -56,13 +56,6 @@ def _channel_major(weight: torch.Tensor, x_t: torch.Tensor) -> torch.Tensor:
     return torch.bmm(weight.expand(x_t.shape[0], -1, -1), x_t)
 
 
-def _autocast_dtype(t: torch.Tensor):
-    kind = t.device.type
-    if kind in ("cpu", "cuda") and torch.is_autocast_enabled(kind):
-        return torch.get_autocast_dtype(kind)
-    return None
-
-
 class _FromChannelMajor(torch.autograd.Function):
     """x (batch, E, length), channel-major -> x^T weight^T (batch, length, out), with the input gradient written
     channel-major again.
@@ -75,7 +68,7 @@ class _FromChannelMajor(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight):
-        dtype = _autocast_dtype(x)
+        dtype = autocast_dtype(x)
         xc, wc = (x, weight) if dtype is None else (x.to(dtype), weight.to(dtype))
         ctx.save_for_backward(xc, wc)
         ctx.dtypes = (x.dtype, weight.dtype)
