@@ -123,6 +123,21 @@ inline void row_delta(const ScanArgs& a, const RowInfo& ri, const float* drow, f
   }
 }
 
+// The forward's epilogue on one row of scan outputs y: out = (y + D u) * silu(z), or y + D u without z.
+inline void skip_and_gate(const ScanArgs& a, const RowInfo& ri, int64_t row, const float* urow, float* orow) {
+  const int64_t L = a.len;
+  const float Dd = a.D ? a.D[ri.d] : 0.0f;
+  if (a.z) {
+    const float* zrow = a.z + row * L;
+    for (int64_t t = 0; t < L; ++t) {
+      const float zz = zrow[t];
+      orow[t] = (orow[t] + Dd * urow[t]) * zz * sigmoid(zz);
+    }
+  } else if (a.D) {
+    for (int64_t t = 0; t < L; ++t) orow[t] += Dd * urow[t];
+  }
+}
+
 template <int NS>
 void forward_rows(const ScanArgs& a, int64_t row0, int64_t row1) {
   FlushDenormals ftz;
@@ -159,16 +174,7 @@ void forward_rows(const ScanArgs& a, int64_t row0, int64_t row1) {
       orow[t] = y;
     }
     if (a.last_state) std::memcpy(a.last_state + row * n, h, n * sizeof(float));
-    const float Dd = a.D ? a.D[ri.d] : 0.0f;
-    if (a.z) {
-      const float* zrow = a.z + row * L;
-      for (int64_t t = 0; t < L; ++t) {
-        const float zz = zrow[t];
-        orow[t] = (orow[t] + Dd * urow[t]) * zz * sigmoid(zz);
-      }
-    } else if (a.D) {
-      for (int64_t t = 0; t < L; ++t) orow[t] += Dd * urow[t];
-    }
+    skip_and_gate(a, ri, row, urow, orow);
   }
 }
 
@@ -396,16 +402,7 @@ void forward_rows_vec(const ScanArgs& a, int64_t row0, int64_t row1) {
     reduce_steps(ybuf, L % VW, L - L % VW, L, a.reverse, orow);
     if (a.last_state)
       for (int j = 0; j < NV; ++j) store(a.last_state + row * NS + j * VW, h[j]);
-    const float Dd = a.D ? a.D[ri.d] : 0.0f;
-    if (a.z) {
-      const float* zrow = a.z + row * L;
-      for (int64_t i = 0; i < L; ++i) {
-        const float zz = zrow[i];
-        orow[i] = (orow[i] + Dd * urow[i]) * zz * sigmoid(zz);
-      }
-    } else if (a.D) {
-      for (int64_t i = 0; i < L; ++i) orow[i] += Dd * urow[i];
-    }
+    skip_and_gate(a, ri, row, urow, orow);
   }
 }
 
