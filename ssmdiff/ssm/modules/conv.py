@@ -24,6 +24,12 @@ def autocast_dtype(t: torch.Tensor):
     return None
 
 
+def _check_depthwise(fn: str, x: torch.Tensor, weight: torch.Tensor) -> None:
+    if x.dim() != 3 or weight.dim() != 3 or weight.shape[1] != 1 or weight.shape[0] != x.shape[1]:
+        raise ValueError(f"{fn} expects x (batch, channels, length) and weight (channels, 1, k); got "
+                         f"x {tuple(x.shape)} and weight {tuple(weight.shape)}")
+
+
 def _shifted_macs(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, reverse: bool) -> torch.Tensor:
     """out[t] = bias + sum_s w[:, k-1-s] * x[t - s] (causal) or x[t + s] (anti-causal); w is (channels, k)."""
     k = w.shape[1]
@@ -90,9 +96,7 @@ def depthwise_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     Under autocast the operands are cast to the autocast dtype, as autocast does for ``F.conv1d``. The k multiply-
     adds per output are recorded as flops of kind "depthwise_conv", since the flop counter sees only aten convs.
     """
-    if x.dim() != 3 or weight.dim() != 3 or weight.shape[1] != 1 or weight.shape[0] != x.shape[1]:
-        raise ValueError(f"depthwise_conv1d expects x (batch, channels, length) and weight (channels, 1, k); got "
-                         f"x {tuple(x.shape)} and weight {tuple(weight.shape)}")
+    _check_depthwise("depthwise_conv1d", x, weight)
     dtype = autocast_dtype(x)
     if dtype is not None:
         x, weight = x.to(dtype), weight.to(dtype)
@@ -131,9 +135,7 @@ def conv_silu(x: torch.Tensor, convs) -> tuple[torch.Tensor, ...]:
     if not 1 <= len(convs) <= 2:
         raise ValueError(f"conv_silu takes one or two (weight, bias, reverse) directions, got {len(convs)}")
     for weight, _, _ in convs:
-        if x.dim() != 3 or weight.dim() != 3 or weight.shape[1] != 1 or weight.shape[0] != x.shape[1]:
-            raise ValueError(f"conv_silu expects x (batch, channels, length) and weights (channels, 1, k); got "
-                             f"x {tuple(x.shape)} and weight {tuple(weight.shape)}")
+        _check_depthwise("conv_silu", x, weight)
     if len({w.shape[-1] for w, _, _ in convs}) != 1:
         raise ValueError("conv_silu: the directions must have the same kernel size")
     from ..ops import _scan_cpu

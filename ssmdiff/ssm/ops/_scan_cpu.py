@@ -272,6 +272,11 @@ def selective_scan_cpu(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
 
 # ------------------------------------------------------------------------------------ depthwise conv + SiLU
 
+def _conv_inputs(x: torch.Tensor, params):
+    """float32 contiguous x, (channels, k) weights and biases from (w0, b0[, w1, b1]) for the kernel."""
+    return _f32(x), [_f32(w.reshape(w.shape[0], -1)) for w in params[0::2]], [_f32(b) for b in params[1::2]]
+
+
 def _conv_args(x: torch.Tensor, weights, biases, reverses) -> _ConvSiluArgs:
     b, d, length = x.shape
     a = _ConvSiluArgs()
@@ -293,9 +298,7 @@ class ConvSiluCPU(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, reverses, *params):
-        weights = [_f32(w.reshape(w.shape[0], -1)) for w in params[0::2]]
-        biases = [_f32(bias) for bias in params[1::2]]
-        xf = _f32(x)
+        xf, weights, biases = _conv_inputs(x, params)
         outs = [torch.empty_like(xf) for _ in weights]
         a = _conv_args(xf, weights, biases, reverses)
         for j, o in enumerate(outs):
@@ -309,9 +312,7 @@ class ConvSiluCPU(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, *grads):
         x, *params = ctx.saved_tensors
-        weights = [_f32(w.reshape(w.shape[0], -1)) for w in params[0::2]]
-        biases = [_f32(bias) for bias in params[1::2]]
-        xf = _f32(x)
+        xf, weights, biases = _conv_inputs(x, params)
         b, d, length = xf.shape
         k = weights[0].shape[-1]
         grads = [torch.zeros_like(xf) if g is None else _f32(g) for g in grads]
