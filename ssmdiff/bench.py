@@ -172,9 +172,8 @@ def _pin_malloc() -> bool:
     """Make resident memory follow live memory from here on (see the module docstring)."""
     try:
         libc = ctypes.CDLL("libc.so.6")
-        ok = libc.mallopt(_M_MMAP_THRESHOLD, 64 * 1024) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, 0) == 1
-        libc.malloc_trim(0)
-        return ok
+        # The free heap is trimmed by each measured block (``_PeakMemory`` calls ``_trim_heap``).
+        return libc.mallopt(_M_MMAP_THRESHOLD, 64 * 1024) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, 0) == 1
     except (OSError, AttributeError):
         return False
 
