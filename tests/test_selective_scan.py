@@ -197,6 +197,30 @@ def test_reverse_equals_flipped_forward():
         torch.testing.assert_close(last, last_expected, **FP32_TOL)
 
 
+@pytest.mark.parametrize("opts", ["full", "plain"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_add_is_summed_into_the_output_with_its_gradient_passed_through(opts, dtype):
+    """``add`` (summed in the CPU kernel's epilogue, added afterwards elsewhere) = scan(...) + add, and its gradient
+    is the output gradient; every other gradient is the plain scan's."""
+    inputs, kw = _case(70, OPTION_SETS[opts], reverse=True)
+    add = torch.randn(inputs["u"].shape).to(dtype).requires_grad_()
+    grad_out = torch.randn(inputs["u"].shape)
+    present = [k for k in NAMES if inputs[k] is not None]
+    expected, _, grads_e = run(selective_scan_ref, inputs, grad_out, **kw)
+    expected = expected + add.detach().float()
+    for backend in ["ref", "torch"] + (["cpu"] if _scan_cpu.available() else []):
+        out = selective_scan(*(inputs[k] for k in ("u", "delta", "A", "B", "C")), D=inputs["D"], z=inputs["z"],
+                             delta_bias=inputs["delta_bias"], add=add, backend=backend, **kw)
+        assert out.dtype == inputs["u"].dtype  # the output keeps u's dtype whatever add's is
+        torch.testing.assert_close(out, expected, **FP32_TOL)
+        grads = torch.autograd.grad(out, [add] + [inputs[k] for k in present], grad_out)
+        assert grads[0].dtype == dtype
+        torch.testing.assert_close(grads[0], grad_out.to(dtype), rtol=0, atol=0)
+        for k, g in zip(present, grads[1:]):
+            scale = max(1.0, grads_e[k].abs().max().item())
+            torch.testing.assert_close(g / scale, grads_e[k] / scale, **FP32_TOL, msg=f"{backend} {k}")
+
+
 def test_reference_matches_hand_computed_recurrence():
     """The reference itself against the formula written out for one channel, one state, three steps."""
     u = torch.tensor([[[1.0, 2.0, -1.0]]])
@@ -270,13 +294,14 @@ def test_flops_recorded_on_real_tensors():
     (dict(C=torch.zeros(2, 2, 16, 10)), "same grouping|C must be"),
     (dict(D=torch.zeros(5)), "D must be"),
     (dict(z=torch.zeros(2, 4, 11)), "z must"),
+    (dict(add=torch.zeros(2, 4, 9)), "add must"),
     (dict(u=torch.zeros(4, 10)), "u must be"),
 ])
 def test_bad_inputs_raise_clear_errors(bad, match):
     x = {k: None if v is None else v.detach() for k, v in make_inputs(length=10).items()}
     x.update(bad)
     with pytest.raises(ValueError, match=match):
-        selective_scan(x["u"], x["delta"], x["A"], x["B"], x["C"], D=x["D"], z=x["z"])
+        selective_scan(x["u"], x["delta"], x["A"], x["B"], x["C"], D=x["D"], z=x["z"], add=x.get("add"))
 
 
 def test_unknown_backend_raises():

@@ -5,7 +5,7 @@
 // gradients it gets back.
 //
 // Layouts (all float32, contiguous):
-//   u, delta, z, out, du, ddelta, dz, dout : (batch, dim, len)
+//   u, delta, z, add, out, du, ddelta, dz, dout : (batch, dim, len)
 //   A : (dim, n)     B, C, dB, dC : (batch, groups, len, n)  -- state last, so one time step is one short vector
 //   chunk_states : (batch * dim, ceil(len / chunk), n), the state *before* step s = k * chunk (scan order)
 //
@@ -34,6 +34,7 @@ struct ScanArgs {
   int64_t batch, dim, len, dstate, groups, chunk;
   int64_t softplus, reverse, nthreads;
   const float *u, *delta, *A, *B, *C, *D, *z, *delta_bias;
+  const float* add;  // optional (batch, dim, len) added to out (the other direction of a bidirectional block)
   float *out, *last_state, *chunk_states;
   // backward only
   const float *dout;
@@ -123,18 +124,27 @@ inline void row_delta(const ScanArgs& a, const RowInfo& ri, const float* drow, f
   }
 }
 
-// The forward's epilogue on one row of scan outputs y: out = (y + D u) * silu(z), or y + D u without z.
+// The forward's epilogue on one row of scan outputs y: out = (y + D u) * silu(z), or y + D u without z; plus
+// `add` when given (summing the two directions of a bidirectional block here saves a pass over both outputs).
 inline void skip_and_gate(const ScanArgs& a, const RowInfo& ri, int64_t row, const float* urow, float* orow) {
   const int64_t L = a.len;
   const float Dd = a.D ? a.D[ri.d] : 0.0f;
+  const float* addrow = a.add ? a.add + row * L : nullptr;
   if (a.z) {
     const float* zrow = a.z + row * L;
-    for (int64_t t = 0; t < L; ++t) {
-      const float zz = zrow[t];
-      orow[t] = (orow[t] + Dd * urow[t]) * zz * sigmoid(zz);
+    if (addrow) {
+      for (int64_t t = 0; t < L; ++t) {
+        const float zz = zrow[t];
+        orow[t] = (orow[t] + Dd * urow[t]) * zz * sigmoid(zz) + addrow[t];
+      }
+    } else {
+      for (int64_t t = 0; t < L; ++t) {
+        const float zz = zrow[t];
+        orow[t] = (orow[t] + Dd * urow[t]) * zz * sigmoid(zz);
+      }
     }
-  } else if (a.D) {
-    for (int64_t t = 0; t < L; ++t) orow[t] += Dd * urow[t];
+  } else if (a.D || addrow) {
+    for (int64_t t = 0; t < L; ++t) orow[t] += Dd * urow[t] + (addrow ? addrow[t] : 0.0f);
   }
 }
 
@@ -349,11 +359,13 @@ inline vi round_to_int(vf x) {
 }
 
 inline vf vexp2(vf x) {
-  const vf lo = splat(-126.0f), hi = splat(127.0f);
-  x = x < lo ? lo : x;
-  x = x > hi ? hi : x;
-  const vi ki = round_to_int(x);
+  // Round first, clamp the integer part: min/max on integer lanes keep the two multiply pipes free for the
+  // polynomial. f stays in [-0.5, 0.5] for any |x| < 2^31, and k in [-126, 127] keeps 2^k a normal number.
+  vi ki = round_to_int(x);
   const vf f = x - __builtin_convertvector(ki, vf);
+  const vi lo = vi{} - 126, hi = vi{} + 127;
+  ki = ki < lo ? lo : ki;
+  ki = ki > hi ? hi : ki;
   vf p = splat(1.3266975292935967e-3f);
   p = p * f + 9.67546459287405e-3f;
   p = p * f + 5.550742521882057e-2f;
@@ -370,8 +382,8 @@ void forward_rows_vec(const ScanArgs& a, int64_t row0, int64_t row1) {
   FlushDenormals ftz;
   const int64_t L = a.len, K = a.chunk;
   const int64_t nchunks = (L + K - 1) / K;
-  std::vector<float> dtbuf(L);
-  float* dt = dtbuf.data();
+  std::vector<float> dtbuf(L), xbuf(L);
+  float *dt = dtbuf.data(), *xs = xbuf.data();
   for (int64_t row = row0; row < row1; ++row) {
     const RowInfo ri = row_info(a, row);
     const float* urow = a.u + row * L;
@@ -380,6 +392,7 @@ void forward_rows_vec(const ScanArgs& a, int64_t row0, int64_t row1) {
     const float* Cg = a.C + (ri.b * a.groups + ri.grp) * L * NS;
     float* cs = a.chunk_states ? a.chunk_states + row * nchunks * NS : nullptr;
     row_delta(a, ri, a.delta + row * L, dt, nullptr);
+    for (int64_t i = 0; i < L; ++i) xs[i] = dt[i] * urow[i];
     vf Av[NV], h[NV];
     for (int j = 0; j < NV; ++j) Av[j] = load(a.A + ri.d * NS + j * VW) * kLog2e, h[j] = vf{};
     const int64_t step = a.reverse ? -1 : 1;
@@ -388,7 +401,7 @@ void forward_rows_vec(const ScanArgs& a, int64_t row0, int64_t row1) {
     for (int64_t s = 0; s < L; ++s, t += step) {
       if (cs && s % K == 0)
         for (int j = 0; j < NV; ++j) store(cs + (s / K) * NS + j * VW, h[j]);
-      const vf dtv = splat(dt[t]), xv = splat(dt[t] * urow[t]);
+      const vf dtv = splat(dt[t]), xv = splat(xs[t]);
       const float* Bt = Bg + t * NS;
       const float* Ct = Cg + t * NS;
       vf acc{};
@@ -418,7 +431,8 @@ void backward_rows_vec(const ScanArgs& a, int64_t row0, int64_t row1, int64_t ti
   std::vector<float> hs((K + 1) * NS), as(K * NS);
   // Per-step partial sums (one vector each) reduced 8 steps at a time after each chunk.
   std::vector<vf> dxbuf(K), dsbuf(K), ybuf(a.z ? K : 0);
-  std::vector<float> dxs(L), dss(L), ys(a.z ? L : 0);
+  std::vector<float> dxs(L), dss(L), ys(a.z ? L : 0), xbuf(L);
+  float* xs = xbuf.data();
   const int64_t bc_size = a.batch * a.groups * L * NS;
   float* dBthr = a.dB_threads + tid * bc_size;
   float* dCthr = a.dC_threads + tid * bc_size;
@@ -434,6 +448,7 @@ void backward_rows_vec(const ScanArgs& a, int64_t row0, int64_t row1, int64_t ti
     float* durow = a.du + row * L;
     const float Dd = a.D ? a.D[ri.d] : 0.0f;
     row_delta(a, ri, a.delta + row * L, dt, pre);
+    for (int64_t i = 0; i < L; ++i) xs[i] = dt[i] * urow[i];
     const float* zrow = a.z ? a.z + row * L : nullptr;
     if (zrow) {
       // g = dout * silu(z) reaches the scan output; zf = dout * silu'(z) times (y + D u) gives dz.
@@ -456,7 +471,7 @@ void backward_rows_vec(const ScanArgs& a, int64_t row0, int64_t row1, int64_t ti
       for (int j = 0; j < NV; ++j) h[j] = load(cs + c * NS + j * VW), store(hs.data() + j * VW, h[j]);
       int64_t t = a.reverse ? L - 1 - s0 : s0;
       for (int64_t s = s0; s < s1; ++s, t += step) {
-        const vf dtv = splat(dt[t]), xv = splat(dt[t] * urow[t]);
+        const vf dtv = splat(dt[t]), xv = splat(xs[t]);
         const float* Bt = Bg + t * NS;
         float* hn = hs.data() + (s - s0 + 1) * NS;
         float* at = as.data() + (s - s0) * NS;
@@ -469,7 +484,6 @@ void backward_rows_vec(const ScanArgs& a, int64_t row0, int64_t row1, int64_t ti
       }
       t = a.reverse ? L - s1 : s1 - 1;
       for (int64_t s = s1 - 1; s >= s0; --s, t -= step) {
-        const float dtt = dt[t], ut = urow[t], x = dtt * ut;
         const float *Bt = Bg + t * NS, *Ct = Cg + t * NS;
         float *dBt = dBg + t * NS, *dCt = dCg + t * NS;
         const float* hp = hs.data() + (s - s0) * NS;
@@ -480,8 +494,7 @@ void backward_rows_vec(const ScanArgs& a, int64_t row0, int64_t row1, int64_t ti
           for (int j = 0; j < NV; ++j) yv += load(hn + j * VW) * load(Ct + j * VW);
           ybuf[s - s0] = yv;
         }
-        const float gy = g[t];
-        const vf gv = splat(gy), xv = splat(x), dtv = splat(dtt);
+        const vf gv = splat(g[t]), xv = splat(xs[t]), dtv = splat(dt[t]);
         vf dxv{}, ddtv{};
         for (int j = 0; j < NV; ++j) {
           const vf hnj = load(hn + j * VW), Cj = load(Ct + j * VW), Bj = load(Bt + j * VW);
@@ -655,7 +668,7 @@ void parallel_conv_rows(const ConvSiluArgs& a, F&& fn) {
 
 extern "C" {
 
-int ssmdiff_scan_abi_version() { return 2; }
+int ssmdiff_scan_abi_version() { return 3; }
 
 void ssmdiff_conv_silu_forward(const ConvSiluArgs* a) { parallel_conv_rows(*a, conv_silu_forward_rows); }
 

@@ -93,21 +93,22 @@ def _out(out_proj: nn.Linear, y: torch.Tensor) -> torch.Tensor:
     return out if out_proj.bias is None else out + out_proj.bias
 
 
-def _scan_direction(x, z, x_proj: nn.Linear, dt_proj: nn.Linear, A_log, D, d_state: int, reverse: bool):
-    """One direction of Mamba-1 after its conv and SiLU: x, z of shape (batch, E, length) -> y (batch, E, length).
+def _scan_direction(x, z, x_proj: nn.Linear, dt_proj: nn.Linear, A_log, D, d_state: int, reverse: bool, add=None):
+    """One direction of Mamba-1 after its conv and SiLU: x, z of shape (batch, E, length) -> y (batch, E, length),
+    plus ``add`` when given (the other direction's y, summed inside the CPU scan kernel).
 
-    Layout: the scan reads x, delta, z as contiguous (batch, E, length) and B, C with the state innermost. x_proj is
-    one product to position-major (batch, length, R + 2N), whose input gradient comes back channel-major
-    (``_FromChannelMajor``); B and C are views of it and delta is produced channel-major by dt_proj directly.
+    Layout: everything stays channel-major, as the scan reads it. x_proj is one product to (batch, R + 2N, length):
+    dt_low, B and C are views of it, and dt_proj reads dt_low in place. Autograd's bmm backward then returns the
+    gradient of x channel-major and contiguous (W^T @ grad), with no transposed copies.
     """
     R = dt_proj.in_features
-    xdbl = _FromChannelMajor.apply(x, x_proj.weight)
-    dt_low, Bm, Cm = torch.split(xdbl, [R, d_state, d_state], dim=-1)
+    xdbl = _channel_major(x_proj.weight, x)
+    dt_low, Bm, Cm = torch.split(xdbl, [R, d_state, d_state], dim=1)
     # dt_proj's bias is applied inside the scan (delta_bias), before the softplus, as mamba-ssm does.
-    dt = _channel_major(dt_proj.weight, dt_low.transpose(1, 2))
+    dt = _channel_major(dt_proj.weight, dt_low)
     A = -torch.exp(A_log.float())
-    return selective_scan(x, dt, A, Bm.transpose(1, 2), Cm.transpose(1, 2), D.float(), z=z,
-                          delta_bias=dt_proj.bias.float(), delta_softplus=True, reverse=reverse)
+    return selective_scan(x, dt, A, Bm, Cm, D.float(), z=z, delta_bias=dt_proj.bias.float(), delta_softplus=True,
+                          reverse=reverse, add=add)
 
 
 class Mamba(nn.Module):
@@ -209,8 +210,7 @@ class BiMamba(Mamba):
         xc, xc_b = conv_silu(u, [(self.conv1d.weight, self.conv1d.bias, False),
                                  (self.conv1d_b.weight, self.conv1d_b.bias, True)])
         y = _scan_direction(xc, z, self.x_proj, self.dt_proj, self.A_log, self.D, self.d_state, False)
-        y_b = _scan_direction(xc_b, z, self.x_proj_b, self.dt_proj_b, self.A_b_log, self.D_b, self.d_state, True)
-        y = y + y_b
+        y = _scan_direction(xc_b, z, self.x_proj_b, self.dt_proj_b, self.A_b_log, self.D_b, self.d_state, True, add=y)
         if self.divide_out:
             y = y * 0.5
         return _out(self.out_proj, y)

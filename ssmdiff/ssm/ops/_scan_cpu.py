@@ -30,7 +30,7 @@ from torch.autograd.function import once_differentiable
 
 CHUNK = 64
 _SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "selective_scan_cpu.cpp"
-_ABI_VERSION = 2
+_ABI_VERSION = 3
 # -ffast-math only when compiling: linking with it would add crtfastmath.o, which flips the whole process into
 # flush-to-zero mode on load (the kernel flushes denormals only inside its own threads).
 _COMPILE_FLAGS = ["-O3", "-march=native", "-ffast-math", "-fPIC", "-std=c++17"]
@@ -49,7 +49,7 @@ class _ScanArgs(ctypes.Structure):
         [(name, ctypes.c_int64) for name in
          ("batch", "dim", "len", "dstate", "groups", "chunk", "softplus", "reverse", "nthreads")]
         + [(name, ctypes.c_void_p) for name in
-           ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "out", "last_state", "chunk_states", "dout",
+           ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "add", "out", "last_state", "chunk_states", "dout",
             "du", "ddelta", "dz", "dA_rows", "dD_rows", "dbias_rows", "dB_threads", "dC_threads")]
     )
 
@@ -195,13 +195,14 @@ def _args(u, delta, A, Bt, Ct, D, z, delta_bias, softplus, reverse) -> _ScanArgs
     return a
 
 
-def _forward(u, delta, A, Bt, Ct, D, z, delta_bias, softplus, reverse, keep_states: bool):
+def _forward(u, delta, A, Bt, Ct, D, z, delta_bias, softplus, reverse, keep_states: bool, add=None):
     b, d, length = u.shape
     n = A.shape[1]
     out = torch.empty((b, d, length), dtype=torch.float32)
     last = torch.empty((b, d, n), dtype=torch.float32)
     states = torch.empty((b, d, -(-length // CHUNK), n), dtype=torch.float32) if keep_states else None
     a = _args(u, delta, A, Bt, Ct, D, z, delta_bias, softplus, reverse)
+    a.add = _ptr(add)
     a.out, a.last_state, a.chunk_states = _ptr(out), _ptr(last), _ptr(states)
     _lib.ssmdiff_scan_forward(ctypes.byref(a))
     return out, last, states
@@ -215,10 +216,11 @@ class SelectiveScanCPU(torch.autograd.Function):
     """Autograd wrapper of the compiled kernel; inputs already validated by ``selective_scan``."""
 
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, keep):
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, add, delta_softplus, reverse, keep):
         f = _inputs_f32(u, delta, A, B, C, D, z, delta_bias)
-        out, last, states = _forward(*f, delta_softplus, reverse, keep_states=keep)
+        out, last, states = _forward(*f, delta_softplus, reverse, keep_states=keep, add=_f32(add))
         ctx.flags = (delta_softplus, reverse)
+        ctx.add_dtype = None if add is None else add.dtype
         if keep:
             ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, states)
         ctx.mark_non_differentiable(last)
@@ -257,17 +259,22 @@ class SelectiveScanCPU(torch.autograd.Function):
         return (du.to(u.dtype), ddelta.to(delta.dtype), dA_rows.sum(0).to(A.dtype), bc_grad(dB_thr, B),
                 bc_grad(dC_thr, C), None if D is None else dD_rows.sum(0).to(D.dtype),
                 None if z is None else dz.to(z.dtype),
-                None if delta_bias is None else dbias_rows.sum(0).to(delta_bias.dtype), None, None, None)
+                None if delta_bias is None else dbias_rows.sum(0).to(delta_bias.dtype),
+                None if ctx.add_dtype is None else dout.to(ctx.add_dtype), None, None, None)
 
 
-def selective_scan_cpu(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, reverse=False):
-    """Compiled CPU scan; returns (out in u.dtype, last state (b, d, n) float32). Requires ``available()``."""
+def selective_scan_cpu(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, reverse=False,
+                       add=None):
+    """Compiled CPU scan; returns (out in u.dtype, last state (b, d, n) float32). Requires ``available()``.
+
+    ``add`` (u's shape) is added to the output inside the kernel's epilogue, without another pass."""
     if load_library() is None:
         raise RuntimeError("the compiled CPU scan is unavailable; use the 'torch' backend")
     # Grad mode is off inside Function.forward, so whether to keep chunk states is decided here.
     keep = torch.is_grad_enabled() and any(t is not None and t.requires_grad
-                                           for t in (u, delta, A, B, C, D, z, delta_bias))
-    return SelectiveScanCPU.apply(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), bool(reverse), keep)
+                                           for t in (u, delta, A, B, C, D, z, delta_bias, add))
+    return SelectiveScanCPU.apply(u, delta, A, B, C, D, z, delta_bias, add, bool(delta_softplus), bool(reverse),
+                                  keep)
 
 
 # ------------------------------------------------------------------------------------ depthwise conv + SiLU

@@ -27,7 +27,7 @@ from .selective_scan_ref import selective_scan_ref
 BACKENDS = ("auto", "cpu", "cuda", "torch", "ref")
 
 
-def _check_inputs(u, delta, A, B, C, D, z, delta_bias):
+def _check_inputs(u, delta, A, B, C, D, z, delta_bias, add=None):
     if not isinstance(u, torch.Tensor) or u.dim() != 3:
         raise ValueError(f"u must be a (batch, channels, length) tensor, got "
                          f"{tuple(u.shape) if isinstance(u, torch.Tensor) else type(u).__name__}")
@@ -57,7 +57,9 @@ def _check_inputs(u, delta, A, B, C, D, z, delta_bias):
         raise ValueError(f"delta_bias must be (channels={d},), got {tuple(delta_bias.shape)}")
     if z is not None and z.shape != u.shape:
         raise ValueError(f"z must have u's shape {tuple(u.shape)}, got {tuple(z.shape)}")
-    devices = {t.device for t in (u, delta, A, B, C, D, z, delta_bias) if t is not None}
+    if add is not None and add.shape != u.shape:
+        raise ValueError(f"add must have u's shape {tuple(u.shape)}, got {tuple(add.shape)}")
+    devices = {t.device for t in (u, delta, A, B, C, D, z, delta_bias, add) if t is not None}
     if len(devices) > 1:
         raise ValueError(f"all selective_scan inputs must be on one device, got {sorted(map(str, devices))}")
 
@@ -98,7 +100,7 @@ def resolve_backend(device: torch.device, backend: str | None = None) -> str:
 
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                   return_last_state=False, reverse=False, backend: str | None = None):
+                   return_last_state=False, reverse=False, add=None, backend: str | None = None):
     """Mamba-1 selective scan with the semantics of mamba-ssm's ``selective_scan_fn``, plus ``reverse``.
 
         h_t = exp(delta_t A) h_{t-1} + delta_t B_t u_t ;  y_t = <C_t, h_t> + D u_t ;  y *= silu(z)
@@ -106,13 +108,14 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     with delta = softplus(delta + delta_bias) when ``delta_softplus``. u, delta, z: (batch, channels, length);
     A: (channels, state); B, C: (batch, state, length) or grouped (batch, groups, state, length); D, delta_bias:
     (channels,). ``reverse=True`` scans from the last position to the first (no flipped copies; the last state is
-    then the state after position 0). The state accumulates in float32; the output has u's dtype and gradients the
+    then the state after position 0). ``add`` (u's shape) is added to the output: a bidirectional block passes one
+    direction's output to the other's scan, which the CPU kernel sums in its epilogue instead of another pass. The state accumulates in float32; the output has u's dtype and gradients the
     dtypes of their inputs. Returns ``out`` or ``(out, last_state)`` with last_state (batch, channels, state) float32.
     ``backend`` forces an implementation ("cpu", "cuda", "torch", "ref"; default "auto", see the module docstring).
     On meta tensors nothing is computed: empty outputs of the right shapes come back. Every call records
     9 * batch * length * channels * state flops under "selective_scan" for ``count_extra_flops``.
     """
-    _check_inputs(u, delta, A, B, C, D, z, delta_bias)
+    _check_inputs(u, delta, A, B, C, D, z, delta_bias, add)
     b, d, length = u.shape
     n = A.shape[1]
     record_flops("selective_scan", 9 * b * length * d * n)
@@ -132,11 +135,14 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
         elif which == "cpu":
             from ._scan_cpu import selective_scan_cpu
 
-            out, last = selective_scan_cpu(u, delta, A, B, C, **kw)
+            out, last = selective_scan_cpu(u, delta, A, B, C, add=add, **kw)
+            add = None  # summed inside the kernel
         elif which == "cuda":
             out, last = _cuda_scan(_mamba_ssm_fn(), u, delta, A, B, C, **kw)
         else:
             from ._scan_torch import selective_scan_torch
 
             out, last = selective_scan_torch(u, delta, A, B, C, **kw)
+    if add is not None:
+        out = out + add.to(out.dtype)
     return (out, last) if return_last_state else out
