@@ -192,3 +192,59 @@ def test_from_channel_major_matches_linear(autocast):
     torch.testing.assert_close(gx, rx, **tol)
     torch.testing.assert_close(gw, rw, **tol)
     assert gx.is_contiguous() and gx.dtype == x.dtype and gw.dtype == w.dtype
+
+
+@pytest.mark.parametrize("mode", ["autocast", "bf16"])
+def test_low_precision_cpu_products_match_fp32(mode):
+    """bf16 on the CPU: the Mamba projections (channel-major in and out, channel-major in and position-major out,
+    position-major in) run through dot-layout GEMMs; values and gradients match fp32 within bf16 rounding, and the
+    gradients come back in their inputs' dtypes."""
+    from ssmdiff.ssm.modules.mamba import _channel_major, _out
+
+    torch.manual_seed(0)
+    w = torch.randn(6, 16, requires_grad=True)
+    proj = torch.nn.Linear(16, 6, bias=True)
+    cases = {
+        "channel-major in/out": lambda x, w: _channel_major(w, x),
+        "position-major in": lambda x, w: _channel_major(w, x.transpose(1, 2).contiguous().transpose(1, 2)),
+        "out_proj": lambda x, w: _out(proj, x),
+    }
+    refs = {
+        "channel-major in/out": lambda x, w: (x.transpose(1, 2) @ w.t()).transpose(1, 2),
+        "position-major in": lambda x, w: (x.transpose(1, 2) @ w.t()).transpose(1, 2),
+        "out_proj": lambda x, w: F.linear(x.transpose(1, 2), proj.weight, proj.bias),
+    }
+    tol = dict(rtol=2e-2, atol=6e-2)
+    for name, fn in cases.items():
+        x32 = torch.randn(3, 16, 41)
+        x = x32.clone().to(torch.bfloat16 if mode == "bf16" else torch.float32).requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode == "autocast"):
+            out = fn(x, w)
+        assert out.dtype == torch.bfloat16, name
+        xr = x32.clone().requires_grad_()
+        ref = refs[name](xr, w)
+        g = torch.randn(ref.shape)
+        params = [w] if name != "out_proj" else [proj.weight]
+        grads = torch.autograd.grad(out, [x] + params, g.to(out.dtype))
+        grads_r = torch.autograd.grad(ref, [xr] + params, g)
+        torch.testing.assert_close(out.float(), ref, **tol, msg=name)
+        assert grads[0].dtype == x.dtype and grads[1].dtype == torch.float32, name
+        for a, b in zip(grads, grads_r):
+            scale = max(1.0, b.abs().max().item())
+            torch.testing.assert_close(a.float() / scale, b / scale, **tol, msg=name)
+
+
+def test_dot_layout_bmm_any_operand_layout():
+    """The dot-layout product equals bmm for contiguous, transposed and expanded operands."""
+    from ssmdiff.ssm.modules.mamba import _dot_layout_bmm
+
+    torch.manual_seed(0)
+    a = torch.randn(3, 5, 7).to(torch.bfloat16)
+    b = torch.randn(3, 7, 9).to(torch.bfloat16)
+    w = torch.randn(5, 7).to(torch.bfloat16)
+    for lhs in (a, a.transpose(1, 2).contiguous().transpose(1, 2), w.expand(3, -1, -1), w.t().contiguous().t().expand(3, -1, -1)):
+        for rhs in (b, b.transpose(1, 2).contiguous().transpose(1, 2)):
+            expected = torch.bmm(lhs.double(), rhs.double())
+            out = _dot_layout_bmm(lhs, rhs)
+            assert out.shape == expected.shape and out.dtype == torch.bfloat16
+            torch.testing.assert_close(out.double(), expected, rtol=1e-2, atol=2e-2)

@@ -47,12 +47,65 @@ def inverse_softplus_dt(n: int, dt_min: float, dt_max: float, dt_init_floor: flo
     return dt + torch.log(-torch.expm1(-dt))
 
 
+def _low_precision_cpu(t: torch.Tensor) -> torch.dtype | None:
+    """The bf16/fp16 dtype a product on ``t`` computes in on the CPU (autocast's, else t's own), or None."""
+    dtype = autocast_dtype(t) or t.dtype
+    return dtype if t.device.type == "cpu" and dtype in (torch.bfloat16, torch.float16) else None
+
+
+def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    if t.stride(-1) == 1:
+        return t
+    if t.stride(0) == 0:  # an expanded weight: copy one matrix, not one per batch
+        return t[0].contiguous().expand_as(t)
+    return t.contiguous()
+
+
+def _dot_layout_bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """bmm(a, b), a (B, M, K), b (B, K, N), after making both operands contiguous along K.
+
+    PyTorch's CPU GEMM for bf16/fp16 on a machine without native support for them is fast only in that
+    (dot-product) layout: reading a channel-major activation the other way round ran 6-55x slower than a contiguous
+    copy plus the product (measured on AVX2 for every Mamba projection). Copies are elementwise, the product is not.
+    """
+    return torch.bmm(_last_dim_contiguous(a), _last_dim_contiguous(b.transpose(1, 2)).transpose(1, 2))
+
+
+class _LowPrecisionBmm(torch.autograd.Function):
+    """bmm for bf16/fp16 CPU operands whose forward and both backward products use ``_dot_layout_bmm``."""
+
+    @staticmethod
+    def forward(ctx, a, b):
+        ctx.save_for_backward(a, b)
+        return _dot_layout_bmm(a, b)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        a, b = ctx.saved_tensors
+        grad = grad.to(a.dtype)
+        ga = _dot_layout_bmm(grad, b.transpose(1, 2)) if ctx.needs_input_grad[0] else None
+        gb = _dot_layout_bmm(a.transpose(1, 2), grad) if ctx.needs_input_grad[1] else None
+        return ga, gb
+
+
+def _weight_product(weight: torch.Tensor, x: torch.Tensor, left: bool, dtype: torch.dtype) -> torch.Tensor:
+    """weight @ x (left) or x @ weight^T, batched over x's first dim, in ``dtype`` with dot-layout GEMMs."""
+    w, xc = weight.to(dtype), x.to(dtype)
+    if left:
+        return _LowPrecisionBmm.apply(w.expand(x.shape[0], -1, -1), xc)
+    return _LowPrecisionBmm.apply(xc, w.t().expand(x.shape[0], -1, -1))
+
+
 def _channel_major(weight: torch.Tensor, x_t: torch.Tensor) -> torch.Tensor:
     """weight (out, in) applied to x_t (batch, in, length) -> (batch, out, length), contiguous.
 
     torch.matmul would compute this as (x_t^T weight^T)^T and return a transposed view; bmm writes the
     channel-major result directly (x_t may itself be a transposed view: gemm reads it without a copy).
     """
+    dtype = _low_precision_cpu(x_t)
+    if dtype is not None:
+        return _weight_product(weight, x_t, True, dtype)
     return torch.bmm(weight.expand(x_t.shape[0], -1, -1), x_t)
 
 
@@ -88,9 +141,14 @@ class _FromChannelMajor(torch.autograd.Function):
 
 
 def _out(out_proj: nn.Linear, y: torch.Tensor) -> torch.Tensor:
-    """out_proj of y (batch, E, length) -> (batch, length, d_model), reading y channel-major without a copy."""
-    out = _FromChannelMajor.apply(y, out_proj.weight)
-    return out if out_proj.bias is None else out + out_proj.bias
+    """out_proj of y (batch, E, length) -> (batch, length, d_model), reading y channel-major without a copy
+    (with one, in bf16/fp16 on the CPU: see ``_dot_layout_bmm``)."""
+    dtype = _low_precision_cpu(y)
+    if dtype is not None:
+        out = _weight_product(out_proj.weight, y.transpose(1, 2), False, dtype)
+    else:
+        out = _FromChannelMajor.apply(y, out_proj.weight)
+    return out if out_proj.bias is None else out + out_proj.bias.to(out.dtype)
 
 
 def _scan_direction(x, z, x_proj: nn.Linear, dt_proj: nn.Linear, A_log, D, d_state: int, reverse: bool, add=None):
@@ -168,7 +226,7 @@ class Mamba(nn.Module):
         u, z = _channel_major(w_u, x_t), _channel_major(w_z, x_t)
         if self.in_proj.bias is not None:
             b_u, b_z = self.in_proj.bias.chunk(2)
-            u, z = u + b_u[:, None], z + b_z[:, None]
+            u, z = u + b_u[:, None].to(u.dtype), z + b_z[:, None].to(z.dtype)
         return u, z
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
