@@ -30,6 +30,7 @@ from diffusers.configuration_utils import register_to_config
 import torch.nn.functional as F
 
 from .layers import (
+    Linear,
     DropPath,
     FinalLayer,
     LabelEmbedder,
@@ -67,15 +68,15 @@ class HourglassBiSSMBlock(nn.Module):
         hidden = int(round(dim * mlp_ratio))
         self.m = m
         self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 3 * dim))
-        self.w_in = nn.Linear(m * dim, dim)
-        self.w_up = nn.Linear(dim, m * dim)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), Linear(dim, 3 * dim))
+        self.w_in = Linear(m * dim, dim)
+        self.w_up = Linear(dim, m * dim)
         self.ssm = BiS4D(dim, d_state=d_state)
-        self.w_down = nn.Linear(m * 2 * dim, dim)
-        self.w1 = nn.Linear(dim, hidden)
-        self.w2 = nn.Linear(dim, hidden)
-        self.w3 = nn.Linear(hidden, dim)
-        self.w_out = nn.Linear(dim, m * dim)
+        self.w_down = Linear(m * 2 * dim, dim)
+        self.w1 = Linear(dim, hidden)
+        self.w2 = Linear(dim, hidden)
+        self.w3 = Linear(hidden, dim)
+        self.w_out = Linear(dim, m * dim)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         n, length, d = x.shape

@@ -25,6 +25,7 @@ from diffusers.configuration_utils import register_to_config
 
 from .dis import make_mixer
 from .layers import (
+    Linear,
     init_uvit_ssm_weights,
     DropPath,
     no_weight_decay_names,
@@ -71,7 +72,7 @@ class DiMBlock(nn.Module):
         self.reverse = order_is_reverse(order)
         self.side = side
         self.num_prefix = num_prefix
-        self.skip_linear = nn.Linear(2 * dim, dim) if skip else None
+        self.skip_linear = Linear(2 * dim, dim) if skip else None
         self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.mixer = mixer
         # adaLN-single: per-block (shift, scale, gate) offsets added to the shared projection of the condition.
@@ -170,7 +171,7 @@ class DiM(SSMDiffModelMixin):
         self.pad_tokens = nn.Parameter(torch.zeros(k, hidden_size))
         self.sep_tokens = nn.Parameter(torch.zeros(num_sep_tokens, hidden_size))
         self.pos_embed = nn.Parameter(torch.zeros(1, self.num_prefix + self.padded_side**2, hidden_size))
-        self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 3 * hidden_size))
+        self.t_block = nn.Sequential(nn.SiLU(), Linear(hidden_size, 3 * hidden_size))
 
         if d_state is None:
             d_state = 16 if mixer == "mamba" else 64

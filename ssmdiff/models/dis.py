@@ -19,6 +19,7 @@ from diffusers import ModelMixin  # noqa: F401 - diffusers' pipeline loader look
 from diffusers.configuration_utils import register_to_config
 
 from .layers import (
+    Linear,
     init_uvit_ssm_weights,
     no_weight_decay_names,
     check_inputs,
@@ -79,7 +80,7 @@ class DiSBlock(nn.Module):
     def __init__(self, dim: int, mixer: nn.Module, drop_path: float = 0.0, skip: bool = False,
                  residual_in_fp32: bool = True):
         super().__init__()
-        self.skip_linear = nn.Linear(2 * dim, dim) if skip else None
+        self.skip_linear = Linear(2 * dim, dim) if skip else None
         self.norm = RMSNorm(dim)
         self.mixer = mixer
         self.drop_path = DropPath(drop_path)

@@ -12,7 +12,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..ssm.ops.products import linear
+
 __all__ = [
+    "Linear",
     "timestep_embedding",
     "TimestepEmbedder",
     "LabelEmbedder",
@@ -28,6 +31,14 @@ __all__ = [
     "check_inputs",
     "no_weight_decay_names",
 ]
+
+
+class Linear(nn.Linear):
+    """nn.Linear (same parameters, state dict and initialisation) whose product runs in the dot-product layout
+    where bf16/fp16 on this CPU needs it (``ssmdiff.ssm.ops.products.linear``); F.linear everywhere else."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -51,7 +62,7 @@ class TimestepEmbedder(nn.Module):
         super().__init__()
         mlp_width = mlp_width or hidden_size
         self.freq_dim = freq_dim
-        self.mlp = nn.Sequential(nn.Linear(freq_dim, mlp_width), nn.SiLU(), nn.Linear(mlp_width, hidden_size))
+        self.mlp = nn.Sequential(Linear(freq_dim, mlp_width), nn.SiLU(), Linear(mlp_width, hidden_size))
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         emb = timestep_embedding(t, self.freq_dim)
@@ -170,9 +181,9 @@ class FinalLayer(nn.Module):
     def __init__(self, hidden_size: int, patch_size: int, out_channels: int, conditional: bool = True):
         super().__init__()
         self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
+        self.linear = Linear(hidden_size, patch_size * patch_size * out_channels)
         self.adaLN_modulation = (
-            nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size)) if conditional else None
+            nn.Sequential(nn.SiLU(), Linear(hidden_size, 2 * hidden_size)) if conditional else None
         )
 
     def reset_parameters(self) -> None:

@@ -14,14 +14,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from ..ops.counting import counting_active, record_flops
-
-
-def autocast_dtype(t: torch.Tensor):
-    """The dtype autocast would compute in for tensors on ``t``'s device, or None when autocast is off there."""
-    kind = t.device.type
-    if kind in ("cpu", "cuda") and torch.is_autocast_enabled(kind):
-        return torch.get_autocast_dtype(kind)
-    return None
+from ..ops.products import autocast_dtype
 
 
 def _check_depthwise(fn: str, x: torch.Tensor, weight: torch.Tensor) -> None:

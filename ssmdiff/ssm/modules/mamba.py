@@ -16,7 +16,8 @@ import torch.nn as nn
 from torch.autograd.function import once_differentiable
 
 from ..ops.selective_scan import selective_scan
-from .conv import autocast_dtype, conv_silu
+from ..ops.products import LowPrecisionBmm, autocast_dtype, low_precision_cpu_dtype
+from .conv import conv_silu
 
 
 def _resolve_dt_rank(dt_rank, d_model: int) -> int:
@@ -47,54 +48,13 @@ def inverse_softplus_dt(n: int, dt_min: float, dt_max: float, dt_init_floor: flo
     return dt + torch.log(-torch.expm1(-dt))
 
 
-def _low_precision_cpu(t: torch.Tensor) -> torch.dtype | None:
-    """The bf16/fp16 dtype a product on ``t`` computes in on the CPU (autocast's, else t's own), or None."""
-    dtype = autocast_dtype(t) or t.dtype
-    return dtype if t.device.type == "cpu" and dtype in (torch.bfloat16, torch.float16) else None
-
-
-def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
-    if t.stride(-1) == 1:
-        return t
-    if t.stride(0) == 0:  # an expanded weight: copy one matrix, not one per batch
-        return t[0].contiguous().expand_as(t)
-    return t.contiguous()
-
-
-def _dot_layout_bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """bmm(a, b), a (B, M, K), b (B, K, N), after making both operands contiguous along K.
-
-    PyTorch's CPU GEMM for bf16/fp16 on a machine without native support for them is fast only in that
-    (dot-product) layout: reading a channel-major activation the other way round ran 6-55x slower than a contiguous
-    copy plus the product (measured on AVX2 for every Mamba projection). Copies are elementwise, the product is not.
-    """
-    return torch.bmm(_last_dim_contiguous(a), _last_dim_contiguous(b.transpose(1, 2)).transpose(1, 2))
-
-
-class _LowPrecisionBmm(torch.autograd.Function):
-    """bmm for bf16/fp16 CPU operands whose forward and both backward products use ``_dot_layout_bmm``."""
-
-    @staticmethod
-    def forward(ctx, a, b):
-        ctx.save_for_backward(a, b)
-        return _dot_layout_bmm(a, b)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad):
-        a, b = ctx.saved_tensors
-        grad = grad.to(a.dtype)
-        ga = _dot_layout_bmm(grad, b.transpose(1, 2)) if ctx.needs_input_grad[0] else None
-        gb = _dot_layout_bmm(a.transpose(1, 2), grad) if ctx.needs_input_grad[1] else None
-        return ga, gb
-
-
 def _weight_product(weight: torch.Tensor, x: torch.Tensor, left: bool, dtype: torch.dtype) -> torch.Tensor:
-    """weight @ x (left) or x @ weight^T, batched over x's first dim, in ``dtype`` with dot-layout GEMMs."""
+    """weight @ x (left) or x @ weight^T, batched over x's first dim, in ``dtype`` with dot-layout GEMMs
+    (``ssmdiff.ssm.ops.products``: bf16/fp16 on a CPU without native support for them)."""
     w, xc = weight.to(dtype), x.to(dtype)
     if left:
-        return _LowPrecisionBmm.apply(w.expand(x.shape[0], -1, -1), xc)
-    return _LowPrecisionBmm.apply(xc, w.t().expand(x.shape[0], -1, -1))
+        return LowPrecisionBmm.apply(w.expand(x.shape[0], -1, -1), xc)
+    return LowPrecisionBmm.apply(xc, w.t().expand(x.shape[0], -1, -1))
 
 
 def _channel_major(weight: torch.Tensor, x_t: torch.Tensor) -> torch.Tensor:
@@ -103,7 +63,7 @@ def _channel_major(weight: torch.Tensor, x_t: torch.Tensor) -> torch.Tensor:
     torch.matmul would compute this as (x_t^T weight^T)^T and return a transposed view; bmm writes the
     channel-major result directly (x_t may itself be a transposed view: gemm reads it without a copy).
     """
-    dtype = _low_precision_cpu(x_t)
+    dtype = low_precision_cpu_dtype(x_t)
     if dtype is not None:
         return _weight_product(weight, x_t, True, dtype)
     return torch.bmm(weight.expand(x_t.shape[0], -1, -1), x_t)
@@ -142,8 +102,8 @@ class _FromChannelMajor(torch.autograd.Function):
 
 def _out(out_proj: nn.Linear, y: torch.Tensor) -> torch.Tensor:
     """out_proj of y (batch, E, length) -> (batch, length, d_model), reading y channel-major without a copy
-    (with one, in bf16/fp16 on the CPU: see ``_dot_layout_bmm``)."""
-    dtype = _low_precision_cpu(y)
+    (with one where bf16/fp16 on this CPU needs it)."""
+    dtype = low_precision_cpu_dtype(y)
     if dtype is not None:
         out = _weight_product(out_proj.weight, y.transpose(1, 2), False, dtype)
     else:
