@@ -716,6 +716,11 @@ def format_table(result: dict) -> str:
     lines.append("tok: image tokens; len: longest sequence a mixer saw; in: input side; b: batch; Gflops: per image "
                  "forward (multiply-add = 1); tr/sa MB: extra peak memory of a train step / sampling forward; tr pk: "
                  "with weights and AdamW state; x ...: SSM / paired DiT, same run (speed > 1 = SSM faster).")
+    over = sorted({f"{r['model']} {r['dtype']}" for r in rows
+                   if r.get("status") == "ok" and max(r["train_mfu"], r["sample_mfu"]) > 1.0})
+    if over:
+        lines.append(f"warning: MFU above 100% ({', '.join(over)}): the matmul rate of this run understates the "
+                     f"machine (another job during its loop, or a small product); raise --matmul-seconds.")
     bars = result.get("bars") or {}
     if bars:
         lines.append("bars (issue 6):")

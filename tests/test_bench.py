@@ -139,3 +139,14 @@ def test_rounds_keep_every_step_and_report_the_fastest(tmp_path):
     assert result["settings"]["rounds"] == 2
     with pytest.raises(ValueError, match="rounds"):
         bench.run_model_benchmark(["DiT-T/2"], [16], ["fp32"], rounds=0, isolate=False)
+
+
+def test_table_warns_when_mfu_exceeds_100_percent(tiny_run):
+    """An understated matmul rate (a busy machine during its loop) shows up as MFU above 100%: the table says so."""
+    _, result = tiny_run
+    assert "warning: MFU above 100%" not in bench.format_table(result) or any(
+        max(r["train_mfu"], r["sample_mfu"]) > 1 for r in result["rows"])
+    bad = json.loads(json.dumps(result))
+    bad["rows"][0]["train_mfu"] = 1.3
+    table = bench.format_table(bad)
+    assert "warning: MFU above 100%" in table and bad["rows"][0]["model"] in table.split("warning:")[1]

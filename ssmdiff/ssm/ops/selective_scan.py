@@ -78,6 +78,8 @@ def _cuda_scan(fn, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse)
     if reverse:
         u, delta, B, C = (t.flip(-1) for t in (u, delta, B, C))
         z = None if z is None else z.flip(-1)
+    # B and C may be views into a wider projection (a batch stride larger than their own size).
+    B, C = B.contiguous(), C.contiguous()
     out, last = fn(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus,
                    return_last_state=True)
     return (out.flip(-1) if reverse else out), last
