@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ssmdiff.models.layers import Linear
+from ssmdiff.models.layers import Linear  # re-exported from ssmdiff.ssm.ops.products
 from ssmdiff.ssm.ops import products
 from ssmdiff.ssm.ops.products import dot_layout_bmm, linear, low_precision_cpu_dtype
 

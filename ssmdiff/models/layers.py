@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..ssm.ops.products import linear
+from ..ssm.ops.products import Linear
 
 __all__ = [
     "Linear",
@@ -31,14 +31,6 @@ __all__ = [
     "check_inputs",
     "no_weight_decay_names",
 ]
-
-
-class Linear(nn.Linear):
-    """nn.Linear (same parameters, state dict and initialisation) whose product runs in the dot-product layout
-    where bf16/fp16 on this CPU needs it (``ssmdiff.ssm.ops.products.linear``); F.linear everywhere else."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:

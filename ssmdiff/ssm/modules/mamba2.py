@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..ops.products import Linear
 from ..ops.ssd import ssd
 from .conv import depthwise_conv1d
 from .mamba import _check_positive, inverse_softplus_dt
@@ -76,12 +77,12 @@ class Mamba2(nn.Module):
                                conv_bias=conv_bias)
         self.conv_dim = self.d_inner + 2 * ngroups * d_state
 
-        self.in_proj = nn.Linear(d_model, 2 * self.d_inner + 2 * ngroups * d_state + self.nheads, bias=bias)
+        self.in_proj = Linear(d_model, 2 * self.d_inner + 2 * ngroups * d_state + self.nheads, bias=bias)
         self.conv1d, self.dt_bias, self.A_log, self.D = self._make_direction()
         if self.bidirectional:
             self.conv1d_b, self.dt_bias_b, self.A_b_log, self.D_b = self._make_direction()
         self.norm = GatedRMSNorm(self.d_inner, group_size=self.d_inner // ngroups, eps=norm_eps)
-        self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias)
+        self.out_proj = Linear(self.d_inner, d_model, bias=bias)
 
     def _make_direction(self):
         a = self._init_args

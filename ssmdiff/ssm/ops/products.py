@@ -13,10 +13,11 @@ from __future__ import annotations
 import functools
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-__all__ = ["autocast_dtype", "low_precision_cpu_dtype", "dot_layout_bmm", "LowPrecisionBmm", "linear"]
+__all__ = ["autocast_dtype", "low_precision_cpu_dtype", "dot_layout_bmm", "LowPrecisionBmm", "linear", "Linear"]
 
 _LOW = (torch.bfloat16, torch.float16)
 
@@ -92,3 +93,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     out = LowPrecisionBmm.apply(x.to(dtype).reshape(1, -1, k), weight.to(dtype).t().unsqueeze(0))
     out = out.reshape(*x.shape[:-1], weight.shape[0])
     return out if bias is None else out + bias.to(dtype)
+
+
+class Linear(nn.Linear):
+    """nn.Linear (same parameters, state dict and initialisation) whose product runs in the dot-product layout
+    where bf16/fp16 on this CPU needs it (``linear``); F.linear everywhere else."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
