@@ -155,6 +155,20 @@ def test_cpu_kernel_low_precision(dtype, length):
     compare(inputs, "cpu", BF16_TOL, **kw)
 
 
+@needs_kernel
+def test_cpu_kernel_extreme_delta_and_gate():
+    """The kernel's vector softplus and sigmoid over their whole range: pre-activations of delta from -200 to 1e4
+    and gates from -300 to 300 (exp2's argument clamps, softplus(x) = x for large x, silu(z) -> 0 for very negative
+    z), forward and gradients against the reference; everything finite."""
+    inputs, kw = _case(40, OPTION_SETS["full"], dim=8)
+    with torch.no_grad():
+        delta = inputs["delta"]
+        delta.copy_(torch.linspace(-200.0, 1e4, delta.numel()).reshape(delta.shape)[..., torch.randperm(40)])
+        inputs["z"].copy_(torch.linspace(-300.0, 300.0, inputs["z"].numel()).reshape(inputs["z"].shape))
+        inputs["u"].mul_(1e-3)  # delta * u stays of order one where delta is large
+    compare(inputs, "cpu", FP32_TOL, **kw)
+
+
 @pytest.mark.parametrize("length", [1, 7, 256, 1000])
 @pytest.mark.parametrize("opts", list(OPTION_SETS))
 def test_torch_fallback_matches_reference(length, opts):

@@ -375,6 +375,71 @@ inline vf vexp2(vf x) {
   return reinterpret_cast<vf>(reinterpret_cast<vi>(p) + (ki << 23));
 }
 
+// softplus and sigmoid on whole vectors, for the per-position work around the scan (a tenth to a quarter of it
+// with scalar libm calls). softplus(v) = max(v, 0) + log1p(e), e = exp(-|v|) in (0, 1], with
+// log1p(e) = 2 atanh(s), s = e / (2 + e) in (0, 1/3]: the series to s^13 is exact to 1.5e-8 there.
+inline vf vsoftplus(vf v) {
+  vf a = v < 0.0f ? -v : v;
+  a = a > 100.0f ? splat(100.0f) : a;  // exp(-100) is 0 in float: keeps exp2's argument in range
+  const vf e = vexp2(a * -kLog2e);
+  const vf s = e / (e + 2.0f), s2 = s * s;
+  vf p = splat(1.0f / 13);
+  p = p * s2 + 1.0f / 11;
+  p = p * s2 + 1.0f / 9;
+  p = p * s2 + 1.0f / 7;
+  p = p * s2 + 1.0f / 5;
+  p = p * s2 + 1.0f / 3;
+  p = p * s2 + 1.0f;
+  return (v > 0.0f ? v : vf{}) + 2.0f * s * p;
+}
+
+inline vf vsigmoid(vf x) {
+  x = x < -100.0f ? splat(-100.0f) : x;
+  x = x > 100.0f ? splat(100.0f) : x;
+  return 1.0f / (1.0f + vexp2(x * -kLog2e));
+}
+
+// row_delta with whole vectors (the scalar tail as before).
+inline void row_delta_vec(const ScanArgs& a, const RowInfo& ri, const float* drow, float* dt, float* pre) {
+  const float bias = a.delta_bias ? a.delta_bias[ri.d] : 0.0f;
+  const int64_t L = a.len;
+  if (!a.softplus) {
+    for (int64_t t = 0; t < L; ++t) dt[t] = drow[t] + bias;
+    return;
+  }
+  int64_t t = 0;
+  for (; t + VW <= L; t += VW) {
+    const vf v = load(drow + t) + bias;
+    if (pre) store(pre + t, v);
+    store(dt + t, vsoftplus(v));
+  }
+  for (; t < L; ++t) {
+    const float v = drow[t] + bias;
+    if (pre) pre[t] = v;
+    dt[t] = softplus(v);
+  }
+}
+
+// skip_and_gate with whole vectors.
+inline void skip_and_gate_vec(const ScanArgs& a, const RowInfo& ri, int64_t row, const float* urow, float* orow) {
+  if (!a.z) return skip_and_gate(a, ri, row, urow, orow);
+  const int64_t L = a.len;
+  const float Dd = a.D ? a.D[ri.d] : 0.0f;
+  const float* zrow = a.z + row * L;
+  const float* addrow = a.add ? a.add + row * L : nullptr;
+  int64_t t = 0;
+  for (; t + VW <= L; t += VW) {
+    const vf zz = load(zrow + t);
+    vf o = (load(orow + t) + Dd * load(urow + t)) * zz * vsigmoid(zz);
+    if (addrow) o += load(addrow + t);
+    store(orow + t, o);
+  }
+  for (; t < L; ++t) {
+    const float zz = zrow[t];
+    orow[t] = (orow[t] + Dd * urow[t]) * zz * sigmoid(zz) + (addrow ? addrow[t] : 0.0f);
+  }
+}
+
 template <int NS>
 void forward_rows_vec(const ScanArgs& a, int64_t row0, int64_t row1) {
   static_assert(NS % VW == 0, "vector path needs a multiple of the vector width");
@@ -391,7 +456,7 @@ void forward_rows_vec(const ScanArgs& a, int64_t row0, int64_t row1) {
     const float* Bg = a.B + (ri.b * a.groups + ri.grp) * L * NS;
     const float* Cg = a.C + (ri.b * a.groups + ri.grp) * L * NS;
     float* cs = a.chunk_states ? a.chunk_states + row * nchunks * NS : nullptr;
-    row_delta(a, ri, a.delta + row * L, dt, nullptr);
+    row_delta_vec(a, ri, a.delta + row * L, dt, nullptr);
     for (int64_t i = 0; i < L; ++i) xs[i] = dt[i] * urow[i];
     vf Av[NV], h[NV];
     for (int j = 0; j < NV; ++j) Av[j] = load(a.A + ri.d * NS + j * VW) * kLog2e, h[j] = vf{};
@@ -415,7 +480,7 @@ void forward_rows_vec(const ScanArgs& a, int64_t row0, int64_t row1) {
     reduce_steps(ybuf, L % VW, L - L % VW, L, a.reverse, orow);
     if (a.last_state)
       for (int j = 0; j < NV; ++j) store(a.last_state + row * NS + j * VW, h[j]);
-    skip_and_gate(a, ri, row, urow, orow);
+    skip_and_gate_vec(a, ri, row, urow, orow);
   }
 }
 
@@ -447,12 +512,18 @@ void backward_rows_vec(const ScanArgs& a, int64_t row0, int64_t row1, int64_t ti
     const float* cs = a.chunk_states + row * nchunks * NS;
     float* durow = a.du + row * L;
     const float Dd = a.D ? a.D[ri.d] : 0.0f;
-    row_delta(a, ri, a.delta + row * L, dt, pre);
+    row_delta_vec(a, ri, a.delta + row * L, dt, pre);
     for (int64_t i = 0; i < L; ++i) xs[i] = dt[i] * urow[i];
     const float* zrow = a.z ? a.z + row * L : nullptr;
     if (zrow) {
       // g = dout * silu(z) reaches the scan output; zf = dout * silu'(z) times (y + D u) gives dz.
-      for (int64_t i = 0; i < L; ++i) {
+      int64_t i = 0;
+      for (; i + VW <= L; i += VW) {
+        const vf zz = load(zrow + i), sg = vsigmoid(zz), go = load(gout + i);
+        store(g + i, go * zz * sg);
+        store(zf + i, go * sg * (1.0f + zz * (1.0f - sg)));
+      }
+      for (; i < L; ++i) {
         const float zz = zrow[i], sg = sigmoid(zz);
         g[i] = gout[i] * zz * sg;
         zf[i] = gout[i] * sg * (1.0f + zz * (1.0f - sg));
@@ -524,7 +595,17 @@ void backward_rows_vec(const ScanArgs& a, int64_t row0, int64_t row1, int64_t ti
       for (int64_t i = 0; i < L; ++i) a.dz[row * L + i] = zf[i] * (ys[i] + Dd * urow[i]);
     float* ddrow = a.ddelta + row * L;
     float dbias = 0.0f;
-    for (int64_t i = 0; i < L; ++i) {
+    int64_t i0 = 0;
+    if (pre) {
+      vf acc{};
+      for (; i0 + VW <= L; i0 += VW) {
+        const vf v = load(ddt + i0) * vsigmoid(load(pre + i0));
+        store(ddrow + i0, v);
+        acc += v;
+      }
+      dbias = hsum(acc);
+    }
+    for (int64_t i = i0; i < L; ++i) {
       const float v = pre ? ddt[i] * sigmoid(pre[i]) : ddt[i];
       ddrow[i] = v;
       dbias += v;
