@@ -574,10 +574,10 @@ void backward_rows_vec(const ScanArgs& a, int64_t row0, int64_t row1, int64_t ti
           const vf dhi = dh[j] + gv * Cj;
           store(dBt + j * VW, load(dBt + j * VW) + dhi * xv);
           dxv += dhi * Bj;
-          const vf w = dhi * hpj * aj;
+          dh[j] = dhi * aj;
+          const vf w = dh[j] * hpj;  // dhi * a * h_prev: the gradient of the exponent delta * A
           ddtv += w * Av[j];
           dAacc[j] += w * dtv;
-          dh[j] = dhi * aj;
         }
         dxbuf[s - s0] = dxv;
         dsbuf[s - s0] = ddtv;
