@@ -16,7 +16,7 @@ import torch.nn as nn
 from torch.autograd.function import once_differentiable
 
 from ..ops.selective_scan import selective_scan
-from ..ops.products import LowPrecisionBmm, autocast_dtype, low_precision_cpu_dtype
+from ..ops.products import LowPrecisionBmm, autocast_dtype, linear, low_precision_cpu_dtype
 from .conv import conv_silu
 
 
@@ -48,15 +48,6 @@ def inverse_softplus_dt(n: int, dt_min: float, dt_max: float, dt_init_floor: flo
     return dt + torch.log(-torch.expm1(-dt))
 
 
-def _weight_product(weight: torch.Tensor, x: torch.Tensor, left: bool, dtype: torch.dtype) -> torch.Tensor:
-    """weight @ x (left) or x @ weight^T, batched over x's first dim, in ``dtype`` with dot-layout GEMMs
-    (``ssmdiff.ssm.ops.products``: bf16/fp16 on a CPU without native support for them)."""
-    w, xc = weight.to(dtype), x.to(dtype)
-    if left:
-        return LowPrecisionBmm.apply(w.expand(x.shape[0], -1, -1), xc)
-    return LowPrecisionBmm.apply(xc, w.t().expand(x.shape[0], -1, -1))
-
-
 def _channel_major(weight: torch.Tensor, x_t: torch.Tensor) -> torch.Tensor:
     """weight (out, in) applied to x_t (batch, in, length) -> (batch, out, length), contiguous.
 
@@ -64,8 +55,8 @@ def _channel_major(weight: torch.Tensor, x_t: torch.Tensor) -> torch.Tensor:
     channel-major result directly (x_t may itself be a transposed view: gemm reads it without a copy).
     """
     dtype = low_precision_cpu_dtype(x_t)
-    if dtype is not None:
-        return _weight_product(weight, x_t, True, dtype)
+    if dtype is not None:  # bf16/fp16 on a CPU without native support: dot-layout products (ops/products.py)
+        return LowPrecisionBmm.apply(weight.to(dtype).expand(x_t.shape[0], -1, -1), x_t.to(dtype))
     return torch.bmm(weight.expand(x_t.shape[0], -1, -1), x_t)
 
 
@@ -103,11 +94,9 @@ class _FromChannelMajor(torch.autograd.Function):
 def _out(out_proj: nn.Linear, y: torch.Tensor) -> torch.Tensor:
     """out_proj of y (batch, E, length) -> (batch, length, d_model), reading y channel-major without a copy
     (with one where bf16/fp16 on this CPU needs it)."""
-    dtype = low_precision_cpu_dtype(y)
-    if dtype is not None:
-        out = _weight_product(out_proj.weight, y.transpose(1, 2), False, dtype)
-    else:
-        out = _FromChannelMajor.apply(y, out_proj.weight)
+    if low_precision_cpu_dtype(y) is not None:
+        return linear(y.transpose(1, 2), out_proj.weight, out_proj.bias)
+    out = _FromChannelMajor.apply(y, out_proj.weight)
     return out if out_proj.bias is None else out + out_proj.bias.to(out.dtype)
 
 
