@@ -109,42 +109,39 @@ inline RowInfo row_info(const ScanArgs& a, int64_t row) {
   return r;
 }
 
-// delta after bias and softplus for one row; `pre` keeps the softplus input for the backward's derivative.
-inline void row_delta(const ScanArgs& a, const RowInfo& ri, const float* drow, float* dt, float* pre) {
+// delta after bias and softplus for positions t0.. of one row; `pre` keeps the softplus input for the backward's
+// derivative. (The vector rows handle whole vectors themselves and pass their tail's start as t0.)
+inline void row_delta(const ScanArgs& a, const RowInfo& ri, const float* drow, float* dt, float* pre,
+                      int64_t t0 = 0) {
   const float bias = a.delta_bias ? a.delta_bias[ri.d] : 0.0f;
   const int64_t L = a.len;
   if (a.softplus) {
-    for (int64_t t = 0; t < L; ++t) {
+    for (int64_t t = t0; t < L; ++t) {
       float v = drow[t] + bias;
       if (pre) pre[t] = v;
       dt[t] = softplus(v);
     }
   } else {
-    for (int64_t t = 0; t < L; ++t) dt[t] = drow[t] + bias;
+    for (int64_t t = t0; t < L; ++t) dt[t] = drow[t] + bias;
   }
 }
 
-// The forward's epilogue on one row of scan outputs y: out = (y + D u) * silu(z), or y + D u without z; plus
-// `add` when given (summing the two directions of a bidirectional block here saves a pass over both outputs).
-inline void skip_and_gate(const ScanArgs& a, const RowInfo& ri, int64_t row, const float* urow, float* orow) {
+// The forward's epilogue on positions t0.. of one row of scan outputs y: out = (y + D u) * silu(z), or y + D u
+// without z; plus `add` when given (summing the two directions of a bidirectional block here saves a pass over
+// both outputs).
+inline void skip_and_gate(const ScanArgs& a, const RowInfo& ri, int64_t row, const float* urow, float* orow,
+                          int64_t t0 = 0) {
   const int64_t L = a.len;
   const float Dd = a.D ? a.D[ri.d] : 0.0f;
   const float* addrow = a.add ? a.add + row * L : nullptr;
   if (a.z) {
     const float* zrow = a.z + row * L;
-    if (addrow) {
-      for (int64_t t = 0; t < L; ++t) {
-        const float zz = zrow[t];
-        orow[t] = (orow[t] + Dd * urow[t]) * zz * sigmoid(zz) + addrow[t];
-      }
-    } else {
-      for (int64_t t = 0; t < L; ++t) {
-        const float zz = zrow[t];
-        orow[t] = (orow[t] + Dd * urow[t]) * zz * sigmoid(zz);
-      }
+    for (int64_t t = t0; t < L; ++t) {
+      const float zz = zrow[t];
+      orow[t] = (orow[t] + Dd * urow[t]) * zz * sigmoid(zz) + (addrow ? addrow[t] : 0.0f);
     }
   } else if (a.D || addrow) {
-    for (int64_t t = 0; t < L; ++t) orow[t] += Dd * urow[t] + (addrow ? addrow[t] : 0.0f);
+    for (int64_t t = t0; t < L; ++t) orow[t] += Dd * urow[t] + (addrow ? addrow[t] : 0.0f);
   }
 }
 
@@ -399,45 +396,36 @@ inline vf vsigmoid(vf x) {
   return 1.0f / (1.0f + vexp2(x * -kLog2e));
 }
 
-// row_delta with whole vectors (the scalar tail as before).
+// row_delta with whole vectors, the tail by row_delta.
 inline void row_delta_vec(const ScanArgs& a, const RowInfo& ri, const float* drow, float* dt, float* pre) {
-  const float bias = a.delta_bias ? a.delta_bias[ri.d] : 0.0f;
-  const int64_t L = a.len;
-  if (!a.softplus) {
-    for (int64_t t = 0; t < L; ++t) dt[t] = drow[t] + bias;
-    return;
-  }
   int64_t t = 0;
-  for (; t + VW <= L; t += VW) {
-    const vf v = load(drow + t) + bias;
-    if (pre) store(pre + t, v);
-    store(dt + t, vsoftplus(v));
+  if (a.softplus) {
+    const float bias = a.delta_bias ? a.delta_bias[ri.d] : 0.0f;
+    for (; t + VW <= a.len; t += VW) {
+      const vf v = load(drow + t) + bias;
+      if (pre) store(pre + t, v);
+      store(dt + t, vsoftplus(v));
+    }
   }
-  for (; t < L; ++t) {
-    const float v = drow[t] + bias;
-    if (pre) pre[t] = v;
-    dt[t] = softplus(v);
-  }
+  row_delta(a, ri, drow, dt, pre, t);
 }
 
-// skip_and_gate with whole vectors.
+// skip_and_gate with whole vectors where there is a gate, the tail (or a row without gate) by skip_and_gate.
 inline void skip_and_gate_vec(const ScanArgs& a, const RowInfo& ri, int64_t row, const float* urow, float* orow) {
-  if (!a.z) return skip_and_gate(a, ri, row, urow, orow);
   const int64_t L = a.len;
-  const float Dd = a.D ? a.D[ri.d] : 0.0f;
-  const float* zrow = a.z + row * L;
-  const float* addrow = a.add ? a.add + row * L : nullptr;
   int64_t t = 0;
-  for (; t + VW <= L; t += VW) {
-    const vf zz = load(zrow + t);
-    vf o = (load(orow + t) + Dd * load(urow + t)) * zz * vsigmoid(zz);
-    if (addrow) o += load(addrow + t);
-    store(orow + t, o);
+  if (a.z) {
+    const float Dd = a.D ? a.D[ri.d] : 0.0f;
+    const float* zrow = a.z + row * L;
+    const float* addrow = a.add ? a.add + row * L : nullptr;
+    for (; t + VW <= L; t += VW) {
+      const vf zz = load(zrow + t);
+      vf o = (load(orow + t) + Dd * load(urow + t)) * zz * vsigmoid(zz);
+      if (addrow) o += load(addrow + t);
+      store(orow + t, o);
+    }
   }
-  for (; t < L; ++t) {
-    const float zz = zrow[t];
-    orow[t] = (orow[t] + Dd * urow[t]) * zz * sigmoid(zz) + (addrow ? addrow[t] : 0.0f);
-  }
+  skip_and_gate(a, ri, row, urow, orow, t);
 }
 
 template <int NS>
