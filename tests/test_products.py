@@ -78,3 +78,23 @@ def test_linear_on_meta_and_cuda_semantics_unchanged():
     x = torch.randn(4, 8)
     w = torch.randn(3, 8)
     torch.testing.assert_close(linear(x, w), F.linear(x, w), rtol=0, atol=0)
+
+
+def test_products_benchmark_runs_on_tiny_shapes(capsys):
+    """benchmarks/products.py: every product timed both ways, a ratio per line; bad sizes rejected."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "products.py"
+    spec = importlib.util.spec_from_file_location("bench_products", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["--batch", "1", "--width", "16", "--length", "8", "--repeats", "1"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    rows = lines[2:]
+    assert len(rows) == len(mod.cases(1, 16, 8, torch.bfloat16)) == 6
+    for row in rows:
+        plain, dot, ratio = (float(v) for v in row.split()[-3:])
+        assert plain >= 0 and dot >= 0 and ratio >= 0
+    with pytest.raises(SystemExit):
+        mod.main(["--length", "0"])

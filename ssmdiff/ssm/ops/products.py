@@ -1,10 +1,10 @@
 """Matrix products in bf16/fp16 on CPUs without native support for them, and the autocast-dtype lookup they share.
 
 PyTorch's CPU GEMM for bf16/fp16 on such a CPU (AVX2, AVX-512 without BF16/AMX) is fast only when both operands
-are contiguous along the reduction dimension (a dot-product layout). Every other layout ran 6-17x slower on this
-project's AVX2 machine: a Mamba mixer's projections read channel-major activations, and ``nn.Linear``'s backward
-(grad @ W, grad^T @ x) always reads one of its operands the slow way. ``dot_layout_bmm`` copies the operands that
-are not in that layout first: the copies are elementwise, the product is not. On a CPU with native bf16
+are contiguous along the reduction dimension (a dot-product layout). The Mamba mixers' products on channel-major
+activations and ``nn.Linear``'s input gradient (grad @ W) ran 5-9x slower than the same product in that layout on
+this project's AVX2 machine (``python benchmarks/products.py``). ``dot_layout_bmm`` copies the operands that are
+not in that layout first: the copies are elementwise, the product is not. On a CPU with native bf16
 (AVX512-BF16 or AMX) or fp16 (AMX-FP16) the plain ops are kept: no such machine was available to measure.
 """
 
