@@ -793,8 +793,10 @@ def _category(op: str) -> str:
 
 
 def profile_training_step(name: str = "DiS-S/2", tokens: int = 1024, dtype: str = "bf16", batch: int | None = None,
-                          num_classes: int = 1000, row_limit: int = 15, warmup: int = 1, threads: int | None = None):
-    """torch.profiler over one training step (after ``warmup`` unprofiled steps) of ``name``.
+                          num_classes: int = 1000, row_limit: int = 15, warmup: int = 1, threads: int | None = None,
+                          overrides: dict | None = None):
+    """torch.profiler over one training step (after ``warmup`` unprofiled steps) of ``name``, built with the
+    constructor ``overrides`` when given (e.g. {"mixer": "mamba2"}).
 
     Returns (table, summary): torch's key-averages table sorted by self CPU time (top ``row_limit`` ops) and
     {"step_s", "self_cpu_s_total", "categories": {category: self CPU seconds}, "top": [(op, self CPU s, calls)]}.
@@ -814,7 +816,7 @@ def profile_training_step(name: str = "DiS-S/2", tokens: int = 1024, dtype: str 
     torch.manual_seed(0)
     size = input_size_for(name, tokens)
     b = batch or default_batch(tokens)
-    model = create_model(name, input_size=size, in_channels=4, num_classes=num_classes).train()
+    model = create_model(name, input_size=size, in_channels=4, num_classes=num_classes, **(overrides or {})).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0)
     x = torch.randn(b, 4, size, size)
     noise = torch.randn_like(x)
@@ -841,7 +843,7 @@ def profile_training_step(name: str = "DiS-S/2", tokens: int = 1024, dtype: str 
     for e in events:
         cats[_category(e.key)] = cats.get(_category(e.key), 0.0) + e.self_cpu_time_total / 1e6
     total = sum(cats.values())
-    summary = {"model": name, "tokens": tokens, "batch": b, "dtype": dtype, "step_s": step_s,
+    summary = {"model": name + "".join(f":{k}={v}" for k, v in (overrides or {}).items()), "tokens": tokens, "batch": b, "dtype": dtype, "step_s": step_s,
                "self_cpu_s_total": total,
                "categories": dict(sorted(cats.items(), key=lambda kv: -kv[1])),
                "top": [(e.key, e.self_cpu_time_total / 1e6, e.count) for e in events[:row_limit]]}
@@ -893,7 +895,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("bench-results"),
                    help="folder for models.json and models.png (and profile.txt with --profile)")
     p.add_argument("--profile", action="store_true",
-                   help="instead of the grid: torch.profiler over one training step of each model (default "
+                   help="instead of the grid: torch.profiler over one training step of each model or spec (default "
                         "DiS-S/2 and DiT-S/2, 1024 tokens, bf16), top-15 ops by self CPU time")
     p.add_argument("--_worker", help=argparse.SUPPRESS)
     return p
@@ -940,14 +942,11 @@ def _profile_main(args) -> int:
     out = []
     summaries = []
     for spec in models:
-        name, overrides = parse_model_spec(spec)
-        if overrides:
-            print("error: --profile takes plain model names", file=sys.stderr)
-            return 2
         try:
+            name, overrides = parse_model_spec(spec)
             table, summary = profile_training_step(name, tokens, dtype, batch=args.batch,
                                                    num_classes=args.num_classes, threads=args.threads,
-                                                   warmup=args.warmup)
+                                                   warmup=args.warmup, overrides=overrides)
         except ValueError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2

@@ -118,6 +118,15 @@ def test_profile_summary():
     assert "matmul" in summary["categories"]
 
 
+def test_profile_takes_constructor_overrides():
+    _, summary = bench.profile_training_step("DiS-T/2", tokens=16, dtype="fp32", batch=1, num_classes=0,
+                                             row_limit=3, warmup=0, overrides={"mixer": "mamba2"})
+    assert summary["model"] == "DiS-T/2:mixer=mamba2"
+    assert any(op.startswith("aten::") for op, _, _ in summary["top"])
+    with pytest.raises(ValueError, match="allowed overrides"):
+        bench.profile_training_step("DiS-T/2", tokens=16, dtype="fp32", batch=1, overrides={"foo": 1})
+
+
 def test_isolated_run_measures_sampling_memory_above_live_memory():
     """In a fresh subprocess, the sampling forward's extra peak memory is measured after the training step's freed
     memory has been returned (it used to read ~0 MB above a resident set still holding the step's activations)."""
