@@ -5,7 +5,10 @@ import torch
 
 from ssmdiff.ssm import selective_scan_ref
 from ssmdiff.ssm.ops.counting import count_extra_flops
-from ssmdiff.ssm.ops.ssd import ssd, ssd_chunked, ssd_ref
+from ssmdiff.ssm.ops import _scan_cpu
+from ssmdiff.ssm.ops.ssd import ssd, ssd_chunked, ssd_ref, use_compiled_cpu
+
+needs_kernel = pytest.mark.skipif(not _scan_cpu.available(), reason="the compiled CPU kernel could not be built")
 
 
 def _inputs(b=2, l=37, h=4, p=3, g=2, n=5, dtype=torch.float32, device="cpu", D_shape="head"):
@@ -130,6 +133,66 @@ def test_bad_shapes():
         ssd_chunked(x, dt, A, B.repeat(1, 1, 2, 1)[:, :, :3], C.repeat(1, 1, 2, 1)[:, :, :3])
     with pytest.raises(ValueError, match="chunk_size"):
         ssd_chunked(x, dt, A, B, C, chunk_size=0)
+
+
+@needs_kernel
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("b,l,h,p,g,n,D_shape", [
+    (2, 37, 4, 3, 2, 8, "head"),       # one partial chunk; odd head width; two groups
+    (1, 5, 2, 4, 1, 16, "headdim"),    # shorter than a vector of steps
+    (2, 150, 6, 8, 3, 32, None),       # three chunks of the kernel's 64, the last partial; three groups
+    (1, 130, 2, 16, 1, 64, "head"),    # Mamba-2's default state size
+])
+def test_compiled_cpu_matches_reference_forward_and_gradients(reverse, b, l, h, p, g, n, D_shape):
+    """ssd() on CPU takes the compiled kernel (scalar decay per head, state in registers) for these state sizes;
+    it must be the same recurrence as the sequential reference, gradients included."""
+    assert use_compiled_cpu(torch.device("cpu"), n)
+    ins = [t.requires_grad_(True) if t is not None else None
+           for t in _inputs(b, l, h, p, g, n, D_shape=D_shape)]
+    x, dt, A, B, C, D, dt_bias = ins
+    leaves = [t for t in ins if t is not None]
+    y = ssd(x, dt, A, B, C, D=D, dt_bias=dt_bias, dt_softplus=True, reverse=reverse)
+    ref = ssd_ref(x, dt, A, B, C, D=D, dt_bias=dt_bias, dt_softplus=True, reverse=reverse)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    go = torch.randn_like(ref)
+    for got, want in zip(torch.autograd.grad(y, leaves, go), torch.autograd.grad(ref, leaves, go)):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@needs_kernel
+def test_compiled_cpu_threads_and_strong_decay():
+    """Big enough for the kernel's threads (per-thread dB/dC partial sums) and with decays that underflow."""
+    torch.manual_seed(1)
+    x, dt, A, B, C, D, dt_bias = _inputs(b=2, l=200, h=8, p=16, g=2, n=16)
+    dt = (dt.abs() * 20).requires_grad_(True)
+    x.requires_grad_(True)
+    B.requires_grad_(True)
+    y = ssd(x, dt, A * 10, B, C, D=D)
+    ref = ssd_ref(x, dt, A * 10, B, C, D=D)
+    assert torch.isfinite(y).all()
+    torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4)
+    for got, want in zip(torch.autograd.grad(y.sum(), [x, dt, B]), torch.autograd.grad(ref.sum(), [x, dt, B])):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_compiled_cpu_path_selection(monkeypatch):
+    assert not use_compiled_cpu(torch.device("meta"), 16)
+    assert not use_compiled_cpu(torch.device("cpu"), 12)  # no kernel for this state size: chunked
+    monkeypatch.setenv("SSMDIFF_SCAN_BACKEND", "torch")
+    assert not use_compiled_cpu(torch.device("cpu"), 16)
+    monkeypatch.delenv("SSMDIFF_SCAN_BACKEND")
+    with count_extra_flops():  # counting goes through the chunked form, so Gflops do not depend on the path
+        assert not use_compiled_cpu(torch.device("cpu"), 16)
+
+
+@needs_kernel
+def test_channel_major_entry_rejects_bad_shapes():
+    xc = torch.randn(1, 8 + 2 * 12, 10)  # state 12: no kernel for it
+    with pytest.raises(ValueError, match="state sizes"):
+        _scan_cpu.ssd_channel_major(xc, torch.rand(1, 2, 10), -torch.rand(2), None, 8, 1, 4)
+    with pytest.raises(ValueError, match="bad shapes"):
+        _scan_cpu.ssd_channel_major(torch.randn(1, 8 + 2 * 16 + 1, 10), torch.rand(1, 2, 10), -torch.rand(2), None,
+                                    8, 1, 4)
 
 
 @pytest.mark.cuda

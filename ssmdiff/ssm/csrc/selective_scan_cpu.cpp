@@ -9,6 +9,14 @@
 //   A : (dim, n)     B, C, dB, dC : (batch, groups, len, n)  -- state last, so one time step is one short vector
 //   chunk_states : (batch * dim, ceil(len / chunk), n), the state *before* step s = k * chunk (scan order)
 //
+// Scalar-decay mode (Mamba-2's SSD; head_dim > 0, n a multiple of 8, no z): the head_dim rows of a head share one
+// decay per step, exp(delta_t * A_head), so no exp is taken per state entry. Then
+//   A, dA_heads : (heads)     delta, ddelta : (batch, heads, len), used as given (no bias or softplus)
+// with heads = dim / head_dim; dD_rows is still per row. u and du may be the first `dim` channels of a wider
+// channel-major tensor: batch b's rows start at b * u_bstride (0: dim * len). Work is split over (batch, head) and walks time chunk by
+// chunk across all rows of the head, so one chunk of B and C (and of dB, dC) stays in L1/L2 while every row uses
+// it: with state 64, a whole row's B and C (512 bytes a step) would stream from L3 on every row.
+//
 // Work is split over rows (batch x channel); each row is an independent recurrence over time. The state (n floats)
 // lives in registers; the backward recomputes each chunk of `chunk` steps from its saved starting state into a small
 // L1-resident buffer, then walks it in reverse time.
@@ -33,6 +41,8 @@ extern "C" {
 struct ScanArgs {
   int64_t batch, dim, len, dstate, groups, chunk;
   int64_t softplus, reverse, nthreads;
+  int64_t head_dim;   // > 0: scalar-decay (SSD) mode, see the layouts above
+  int64_t u_bstride;  // SSD mode: floats between batches of u and du (0: dim * len)
   const float *u, *delta, *A, *B, *C, *D, *z, *delta_bias;
   const float* add;  // optional (batch, dim, len) added to out (the other direction of a bidirectional block)
   float *out, *last_state, *chunk_states;
@@ -612,14 +622,12 @@ void backward_rows_vec(const ScanArgs& a, int64_t row0, int64_t row1, int64_t ti
 // torch's own when the process already loaded torch's libgomp (same soname): no thread start-up per call, and no
 // second pool spinning against torch's on a small machine.
 template <typename F>
-void parallel_rows(const ScanArgs& a, F&& fn) {
-  const int64_t rows = a.batch * a.dim;
-  const int64_t T = std::max<int64_t>(1, std::min<int64_t>(a.nthreads, rows));
+void parallel_for(int64_t rows, int64_t nthreads, int64_t block, F&& fn) {
+  const int64_t T = std::max<int64_t>(1, std::min<int64_t>(nthreads, rows));
   if (T == 1) {
     fn(int64_t(0), rows, int64_t(0));
     return;
   }
-  const int64_t block = std::max<int64_t>(1, rows / (T * 16));
   std::atomic<int64_t> next{0};
   auto worker = [&](int64_t tid) {
     for (;;) {
@@ -638,6 +646,195 @@ void parallel_rows(const ScanArgs& a, F&& fn) {
   worker(0);
   for (auto& th : pool) th.join();
 #endif
+}
+
+template <typename F>
+void parallel_rows(const ScanArgs& a, F&& fn) {
+  const int64_t rows = a.batch * a.dim;
+  const int64_t T = std::max<int64_t>(1, std::min<int64_t>(a.nthreads, rows));
+  parallel_for(rows, a.nthreads, std::max<int64_t>(1, rows / (T * 16)), fn);
+}
+
+// ---- Scalar-decay (SSD) mode: one (batch, head) unit at a time, time chunk by chunk across the head's rows.
+struct HeadInfo {
+  int64_t b, head, grp, row0;
+};
+
+inline int64_t u_offset(const ScanArgs& a, const HeadInfo& hi, int64_t i) {
+  return hi.b * (a.u_bstride ? a.u_bstride : a.dim * a.len) + (hi.head * a.head_dim + i) * a.len;
+}
+
+inline HeadInfo head_info(const ScanArgs& a, int64_t unit) {
+  const int64_t heads = a.dim / a.head_dim;
+  HeadInfo hi;
+  hi.b = unit / heads;
+  hi.head = unit % heads;
+  hi.grp = hi.head / (heads / a.groups);
+  hi.row0 = hi.b * a.dim + hi.head * a.head_dim;
+  return hi;
+}
+
+// e[t] = exp(dt[t] * A) for one head.
+inline void head_decay(const float* dt, float A, int64_t L, float* e) {
+  const vf A2 = splat(A * kLog2e);
+  int64_t t = 0;
+  for (; t + VW <= L; t += VW) store(e + t, vexp2(load(dt + t) * A2));
+  for (; t < L; ++t) e[t] = fast_exp(dt[t] * A);
+}
+
+template <int NS>
+void forward_sd(const ScanArgs& a, int64_t unit0, int64_t unit1) {
+  static_assert(NS > 0 && NS % VW == 0, "scalar-decay mode needs a multiple of the vector width");
+  constexpr int NV = NS / VW;
+  FlushDenormals ftz;
+  const int64_t L = a.len, K = a.chunk, P = a.head_dim, heads = a.dim / a.head_dim;
+  const int64_t nchunks = (L + K - 1) / K;
+  const int64_t step = a.reverse ? -1 : 1;
+  std::vector<float> ebuf(L), hbuf(P * NS);
+  std::vector<vf> ybuf(K);
+  float *ea = ebuf.data(), *H = hbuf.data();
+  for (int64_t unit = unit0; unit < unit1; ++unit) {
+    const HeadInfo hi = head_info(a, unit);
+    const float* dt = a.delta + (hi.b * heads + hi.head) * L;
+    head_decay(dt, a.A[hi.head], L, ea);
+    const float* Bg = a.B + (hi.b * a.groups + hi.grp) * L * NS;
+    const float* Cg = a.C + (hi.b * a.groups + hi.grp) * L * NS;
+    std::fill(H, H + P * NS, 0.0f);
+    for (int64_t c = 0; c < nchunks; ++c) {
+      const int64_t s0 = c * K, s1 = std::min(L, s0 + K);
+      for (int64_t i = 0; i < P; ++i) {
+        const int64_t row = hi.row0 + i;
+        const float* urow = a.u + u_offset(a, hi, i);
+        vf h[NV];
+        for (int j = 0; j < NV; ++j) h[j] = load(H + i * NS + j * VW);
+        if (a.chunk_states)
+          for (int j = 0; j < NV; ++j) store(a.chunk_states + (row * nchunks + c) * NS + j * VW, h[j]);
+        int64_t t = a.reverse ? L - 1 - s0 : s0;
+        for (int64_t s = s0; s < s1; ++s, t += step) {
+          const vf e = splat(ea[t]), xv = splat(dt[t] * urow[t]);
+          const float* Bt = Bg + t * NS;
+          const float* Ct = Cg + t * NS;
+          // Four partial sums: one chain of NV dependent multiply-adds per step would be latency-bound.
+          vf acc[4] = {};
+          for (int j = 0; j < NV; ++j) {
+            h[j] = e * h[j] + xv * load(Bt + j * VW);
+            acc[j % 4] += h[j] * load(Ct + j * VW);
+          }
+          ybuf[s - s0] = (acc[0] + acc[1]) + (acc[2] + acc[3]);
+        }
+        reduce_steps(ybuf.data(), s1 - s0, s0, L, a.reverse, a.out + row * L);
+        for (int j = 0; j < NV; ++j) store(H + i * NS + j * VW, h[j]);
+      }
+    }
+    for (int64_t i = 0; i < P; ++i) {
+      const int64_t row = hi.row0 + i;
+      if (a.last_state) std::memcpy(a.last_state + row * NS, H + i * NS, NS * sizeof(float));
+      RowInfo ri;
+      ri.b = hi.b, ri.d = row % a.dim, ri.grp = hi.grp;
+      skip_and_gate(a, ri, row, a.u + u_offset(a, hi, i), a.out + row * L);
+    }
+  }
+}
+
+template <int NS>
+void backward_sd(const ScanArgs& a, int64_t unit0, int64_t unit1, int64_t tid) {
+  constexpr int NV = NS / VW;
+  FlushDenormals ftz;
+  const int64_t L = a.len, K = a.chunk, P = a.head_dim, heads = a.dim / a.head_dim;
+  const int64_t nchunks = (L + K - 1) / K;
+  const int64_t step = a.reverse ? -1 : 1;
+  std::vector<float> ebuf(L), ddt(L), dhbuf(P * NS), dDacc(P), hs((K + 1) * NS), dxs(L), dss(L);
+  std::vector<vf> dxbuf(K), dsbuf(K);
+  float *ea = ebuf.data(), *DH = dhbuf.data();
+  const int64_t bc_size = a.batch * a.groups * L * NS;
+  float* dBthr = a.dB_threads + tid * bc_size;
+  float* dCthr = a.dC_threads + tid * bc_size;
+  for (int64_t unit = unit0; unit < unit1; ++unit) {
+    const HeadInfo hi = head_info(a, unit);
+    const float* dt = a.delta + (hi.b * heads + hi.head) * L;
+    const float A = a.A[hi.head];
+    head_decay(dt, A, L, ea);
+    const int64_t bc_off = (hi.b * a.groups + hi.grp) * L * NS;
+    const float *Bg = a.B + bc_off, *Cg = a.C + bc_off;
+    float *dBg = dBthr + bc_off, *dCg = dCthr + bc_off;
+    std::fill(DH, DH + P * NS, 0.0f);
+    std::fill(dDacc.begin(), dDacc.end(), 0.0f);
+    std::fill(ddt.begin(), ddt.end(), 0.0f);
+    float dA = 0.0f;
+    for (int64_t c = nchunks - 1; c >= 0; --c) {
+      const int64_t s0 = c * K, s1 = std::min(L, s0 + K);
+      // positions of the chunk in time order: [p0, p1)
+      const int64_t p0 = a.reverse ? L - s1 : s0, p1 = a.reverse ? L - s0 : s1;
+      for (int64_t i = 0; i < P; ++i) {
+        const int64_t row = hi.row0 + i;
+        const float* urow = a.u + u_offset(a, hi, i);
+        const float* g = a.dout + row * L;
+        vf h[NV];
+        for (int j = 0; j < NV; ++j) h[j] = load(a.chunk_states + (row * nchunks + c) * NS + j * VW);
+        for (int j = 0; j < NV; ++j) store(hs.data() + j * VW, h[j]);
+        int64_t t = a.reverse ? L - 1 - s0 : s0;
+        for (int64_t s = s0; s < s1; ++s, t += step) {
+          const vf e = splat(ea[t]), xv = splat(dt[t] * urow[t]);
+          const float* Bt = Bg + t * NS;
+          float* hn = hs.data() + (s - s0 + 1) * NS;
+          for (int j = 0; j < NV; ++j) {
+            h[j] = e * h[j] + xv * load(Bt + j * VW);
+            store(hn + j * VW, h[j]);
+          }
+        }
+        vf dh[NV];
+        for (int j = 0; j < NV; ++j) dh[j] = load(DH + i * NS + j * VW);
+        t = a.reverse ? L - s1 : s1 - 1;
+        for (int64_t s = s1 - 1; s >= s0; --s, t -= step) {
+          const float *Bt = Bg + t * NS, *Ct = Cg + t * NS;
+          float *dBt = dBg + t * NS, *dCt = dCg + t * NS;
+          const float* hp = hs.data() + (s - s0) * NS;
+          const float* hn = hp + NS;
+          const vf gv = splat(g[t]), xv = splat(dt[t] * urow[t]), e = splat(ea[t]);
+          vf dxv{}, dsv{};
+          for (int j = 0; j < NV; ++j) {
+            const vf hnj = load(hn + j * VW), Cj = load(Ct + j * VW), Bj = load(Bt + j * VW);
+            store(dCt + j * VW, load(dCt + j * VW) + gv * hnj);
+            const vf dhi = dh[j] + gv * Cj;
+            store(dBt + j * VW, load(dBt + j * VW) + dhi * xv);
+            dxv += dhi * Bj;
+            dh[j] = dhi * e;
+            dsv += dh[j] * load(hp + j * VW);  // sum of dhi * a * h_prev: the gradient of the exponent
+          }
+          dxbuf[s - s0] = dxv;
+          dsbuf[s - s0] = dsv;
+        }
+        for (int j = 0; j < NV; ++j) store(DH + i * NS + j * VW, dh[j]);
+        reduce_steps(dxbuf.data(), s1 - s0, s0, L, a.reverse, dxs.data());
+        reduce_steps(dsbuf.data(), s1 - s0, s0, L, a.reverse, dss.data());
+        const float Dd = a.D ? a.D[row % a.dim] : 0.0f;
+        float* durow = a.du + u_offset(a, hi, i);
+        float dD = 0.0f;
+        for (int64_t q = p0; q < p1; ++q) {
+          durow[q] = g[q] * Dd + dxs[q] * dt[q];
+          ddt[q] += A * dss[q] + dxs[q] * urow[q];
+          dA += dss[q] * dt[q];
+          dD += g[q] * urow[q];
+        }
+        dDacc[i] += dD;
+      }
+    }
+    std::memcpy(a.ddelta + (hi.b * heads + hi.head) * L, ddt.data(), L * sizeof(float));
+    a.dA_rows[unit] = dA;
+    for (int64_t i = 0; i < P; ++i) a.dD_rows[hi.row0 + i] = dDacc[i];
+  }
+}
+
+template <int NS>
+void sd_forward_impl(const ScanArgs& a) {
+  const int64_t units = a.batch * (a.dim / a.head_dim);
+  parallel_for(units, a.nthreads, 1, [&](int64_t u0, int64_t u1, int64_t) { forward_sd<NS>(a, u0, u1); });
+}
+
+template <int NS>
+void sd_backward_impl(const ScanArgs& a) {
+  const int64_t units = a.batch * (a.dim / a.head_dim);
+  parallel_for(units, a.nthreads, 1, [&](int64_t u0, int64_t u1, int64_t tid) { backward_sd<NS>(a, u0, u1, tid); });
 }
 
 template <int NS>
@@ -737,7 +934,7 @@ void parallel_conv_rows(const ConvSiluArgs& a, F&& fn) {
 
 extern "C" {
 
-int ssmdiff_scan_abi_version() { return 3; }
+int ssmdiff_scan_abi_version() { return 4; }
 
 void ssmdiff_conv_silu_forward(const ConvSiluArgs* a) { parallel_conv_rows(*a, conv_silu_forward_rows); }
 
@@ -745,6 +942,15 @@ void ssmdiff_conv_silu_backward(const ConvSiluArgs* a) { parallel_conv_rows(*a, 
 
 // Compile-time state sizes let the compiler unroll the state loop into whole vectors; others take the generic loop.
 void ssmdiff_scan_forward(const ScanArgs* a) {
+  if (a->head_dim > 0) {  // the caller checked the state size
+    switch (a->dstate) {
+      case 8: sd_forward_impl<8>(*a); break;
+      case 16: sd_forward_impl<16>(*a); break;
+      case 32: sd_forward_impl<32>(*a); break;
+      case 64: sd_forward_impl<64>(*a); break;
+    }
+    return;
+  }
   switch (a->dstate) {
     case 4: forward_impl<4>(*a); break;
     case 8: forward_impl<8>(*a); break;
@@ -756,6 +962,15 @@ void ssmdiff_scan_forward(const ScanArgs* a) {
 }
 
 void ssmdiff_scan_backward(const ScanArgs* a) {
+  if (a->head_dim > 0) {
+    switch (a->dstate) {
+      case 8: sd_backward_impl<8>(*a); break;
+      case 16: sd_backward_impl<16>(*a); break;
+      case 32: sd_backward_impl<32>(*a); break;
+      case 64: sd_backward_impl<64>(*a); break;
+    }
+    return;
+  }
   switch (a->dstate) {
     case 4: backward_impl<4>(*a); break;
     case 8: backward_impl<8>(*a); break;

@@ -8,6 +8,10 @@ backward direction with its own conv1d_b, dt_bias_b, A_b_log, D_b, computed by t
 copies off the fused-kernel path); the two directions' outputs are summed before the gated norm. ``reverse=True``
 (one direction) scans right-to-left with the anti-causal conv, so output t depends only on tokens t..L-1.
 
+On CPU (kernel built, state size 8/16/32/64) the conv, the SSD recurrence and the directions' sum run on the
+compiled kernels in the channel-major layout the conv produces (``_directions_cpu``); elsewhere the conv is
+``depthwise_conv1d`` and SSD goes through ``ssd`` (mamba-ssm's Triton kernel on CUDA, the chunked form otherwise).
+
 Flops: projections and conv are seen by ``FlopCounterMode``; the SSD op records its elementwise work (kind "ssd");
 the gated RMSNorm is elementwise and, as in DiT's convention, not counted.
 """
@@ -19,8 +23,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..ops.products import Linear
-from ..ops.ssd import ssd
-from .conv import depthwise_conv1d
+from ..ops.ssd import ssd, use_compiled_cpu
+from .conv import conv_silu, depthwise_conv1d
 from .mamba import _check_positive, inverse_softplus_dt
 
 
@@ -39,9 +43,9 @@ class GatedRMSNorm(nn.Module):
     def forward(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         v = y.float() * F.silu(z.float())
         shape = v.shape
-        v = v.view(*shape[:-1], shape[-1] // self.group_size, self.group_size)
+        v = v.reshape(*shape[:-1], shape[-1] // self.group_size, self.group_size)
         v = v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (v.view(shape) * self.weight.float()).to(y.dtype)
+        return (v.reshape(shape) * self.weight.float()).to(y.dtype)
 
 
 class Mamba2(nn.Module):
@@ -108,13 +112,33 @@ class Mamba2(nn.Module):
                 chunk_size=self.chunk_size, D=D, dt_bias=dt_bias, dt_softplus=True, reverse=reverse)
         return y.reshape(b, l, self.d_inner)
 
+    def _directions_cpu(self, xBC, dt):
+        """Both directions on the compiled CPU kernels, channel-major from the conv to the scan: one fused
+        conv + SiLU pass for the directions, the recurrence reading x, B and C in place from its output, and the
+        second direction's scan adding the first's output. Returns y (b, l, d_inner), a transposed view."""
+        from ..ops._scan_cpu import ssd_channel_major
+
+        dirs = [(self.conv1d, self.dt_bias, self.A_log, self.D, self.reverse)]
+        if self.bidirectional:
+            dirs.append((self.conv1d_b, self.dt_bias_b, self.A_b_log, self.D_b, True))
+        outs = conv_silu(xBC.transpose(1, 2), [(conv.weight, conv.bias, rev) for conv, _, _, _, rev in dirs])
+        y = None
+        for xc, (_, dt_bias, A_log, D, rev) in zip(outs, dirs):
+            delta = F.softplus(dt.float() + dt_bias.float()).transpose(1, 2)
+            y = ssd_channel_major(xc, delta, -torch.exp(A_log.float()), D.float().repeat_interleave(self.headdim),
+                                  self.d_inner, self.ngroups, self.headdim, reverse=rev, add=y)
+        return y.transpose(1, 2)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 3 or x.shape[-1] != self.d_model:
             raise ValueError(f"Mamba2 expects x of shape (batch, length, {self.d_model}), got {tuple(x.shape)}")
         z, xBC, dt = torch.split(self.in_proj(x), [self.d_inner, self.conv_dim, self.nheads], dim=-1)
-        y = self._direction(xBC, dt, self.conv1d, self.dt_bias, self.A_log, self.D, self.reverse)
-        if self.bidirectional:
-            y = y + self._direction(xBC, dt, self.conv1d_b, self.dt_bias_b, self.A_b_log, self.D_b, True)
+        if use_compiled_cpu(x.device, self.d_state):
+            y = self._directions_cpu(xBC, dt)
+        else:
+            y = self._direction(xBC, dt, self.conv1d, self.dt_bias, self.A_log, self.D, self.reverse)
+            if self.bidirectional:
+                y = y + self._direction(xBC, dt, self.conv1d_b, self.dt_bias_b, self.A_b_log, self.D_b, True)
         return self.out_proj(self.norm(y, z))
 
     def extra_repr(self) -> str:

@@ -30,7 +30,7 @@ from torch.autograd.function import once_differentiable
 
 CHUNK = 64
 _SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "selective_scan_cpu.cpp"
-_ABI_VERSION = 3
+_ABI_VERSION = 4
 # -ffast-math only when compiling: linking with it would add crtfastmath.o, which flips the whole process into
 # flush-to-zero mode on load (the kernel flushes denormals only inside its own threads).
 _COMPILE_FLAGS = ["-O3", "-march=native", "-ffast-math", "-fPIC", "-std=c++17"]
@@ -47,7 +47,7 @@ _load_error: str | None = None
 class _ScanArgs(ctypes.Structure):
     _fields_ = (
         [(name, ctypes.c_int64) for name in
-         ("batch", "dim", "len", "dstate", "groups", "chunk", "softplus", "reverse", "nthreads")]
+         ("batch", "dim", "len", "dstate", "groups", "chunk", "softplus", "reverse", "nthreads", "head_dim", "u_bstride")]
         + [(name, ctypes.c_void_p) for name in
            ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "add", "out", "last_state", "chunk_states", "dout",
             "du", "ddelta", "dz", "dA_rows", "dD_rows", "dbias_rows", "dB_threads", "dC_threads")]
@@ -183,10 +183,11 @@ def _threads(rows: int, work: int) -> int:
     return max(1, min(torch.get_num_threads(), rows))
 
 
-def _args(u, delta, A, Bt, Ct, D, z, delta_bias, softplus, reverse) -> _ScanArgs:
+def _args(u, delta, A, Bt, Ct, D, z, delta_bias, softplus, reverse, head_dim: int = 0) -> _ScanArgs:
     b, d, length = u.shape
-    n = A.shape[1]
+    n = Bt.shape[-1]
     a = _ScanArgs()
+    a.head_dim = head_dim
     a.batch, a.dim, a.len, a.dstate, a.groups, a.chunk = b, d, length, n, Bt.shape[1], CHUNK
     a.softplus, a.reverse = int(softplus), int(reverse)
     a.nthreads = _threads(b * d, b * d * length * n)
@@ -195,13 +196,13 @@ def _args(u, delta, A, Bt, Ct, D, z, delta_bias, softplus, reverse) -> _ScanArgs
     return a
 
 
-def _forward(u, delta, A, Bt, Ct, D, z, delta_bias, softplus, reverse, keep_states: bool, add=None):
+def _forward(u, delta, A, Bt, Ct, D, z, delta_bias, softplus, reverse, keep_states: bool, add=None, head_dim=0):
     b, d, length = u.shape
-    n = A.shape[1]
+    n = Bt.shape[-1]
     out = torch.empty((b, d, length), dtype=torch.float32)
     last = torch.empty((b, d, n), dtype=torch.float32)
     states = torch.empty((b, d, -(-length // CHUNK), n), dtype=torch.float32) if keep_states else None
-    a = _args(u, delta, A, Bt, Ct, D, z, delta_bias, softplus, reverse)
+    a = _args(u, delta, A, Bt, Ct, D, z, delta_bias, softplus, reverse, head_dim)
     a.add = _ptr(add)
     a.out, a.last_state, a.chunk_states = _ptr(out), _ptr(last), _ptr(states)
     _lib.ssmdiff_scan_forward(ctypes.byref(a))
@@ -275,6 +276,121 @@ def selective_scan_cpu(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
                                            for t in (u, delta, A, B, C, D, z, delta_bias, add))
     return SelectiveScanCPU.apply(u, delta, A, B, C, D, z, delta_bias, add, bool(delta_softplus), bool(reverse),
                                   keep)
+
+
+# ------------------------------------------------------------------------- Mamba-2 (SSD): scalar decay per head
+
+SSD_STATES = (8, 16, 32, 64)  # state sizes the kernel's scalar-decay mode is compiled for
+
+
+class SSDScanCPU(torch.autograd.Function):
+    """Mamba-2's recurrence on the compiled kernel in scalar-decay mode, reading one channel-major tensor.
+
+    forward(xc (b, E + 2 g n, l): the channels of x, then B's groups, then C's, as Mamba-2's conv produces them;
+    delta (b, heads, l) already biased and soft-plussed; A (heads,); D_rows (E,) or None; add (b, E, l) or None;
+    E, groups, head_dim, reverse, keep) -> y (b, E, l) float32 channel-major, plus ``add``.
+    Channel e belongs to head e // head_dim; the head's decay exp(delta * A) is computed once per step, not once
+    per state entry, and the kernel walks time chunk by chunk across a head's rows (see the C++ file). x is read in
+    place and its gradient written in place into the one gradient tensor of xc.
+    """
+
+    @staticmethod
+    def forward(ctx, xc, delta, A, D_rows, add, E, groups, head_dim, reverse, keep):
+        b, width, length = xc.shape
+        n = (width - E) // (2 * groups)
+        xcf = _f32(xc)
+        Bt, Ct = (xcf[:, E + k * groups * n:E + (k + 1) * groups * n].view(b, groups, n, length).transpose(-1, -2)
+                  .contiguous() for k in (0, 1))
+        f = (xcf, _f32(delta), _f32(A), Bt, Ct, _f32(D_rows))
+        a = _ssd_args(f, E, head_dim, reverse)
+        out = torch.empty((b, E, length), dtype=torch.float32)
+        states = torch.empty((b, E, -(-length // CHUNK), n), dtype=torch.float32) if keep else None
+        add = _f32(add)
+        a.add, a.out, a.chunk_states = _ptr(add), _ptr(out), _ptr(states)
+        _lib.ssmdiff_scan_forward(ctypes.byref(a))
+        ctx.meta = (E, groups, head_dim, reverse, add is not None)
+        if keep:
+            ctx.save_for_backward(xc, delta, A, D_rows, states)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dout):
+        xc, delta, A, D_rows, states = ctx.saved_tensors
+        E, groups, head_dim, reverse, has_add = ctx.meta
+        b, width, length = xc.shape
+        n = (width - E) // (2 * groups)
+        xcf = _f32(xc)
+        Bt, Ct = (xcf[:, E + k * groups * n:E + (k + 1) * groups * n].view(b, groups, n, length).transpose(-1, -2)
+                  .contiguous() for k in (0, 1))
+        f = (xcf, _f32(delta), _f32(A), Bt, Ct, _f32(D_rows))
+        a = _ssd_args(f, E, head_dim, reverse)
+        dout = _f32(dout)
+        dxc = torch.empty((b, width, length), dtype=torch.float32)
+        ddelta = torch.empty_like(f[1])
+        dA_heads = torch.empty((b, A.shape[0]), dtype=torch.float32)
+        dD_rows = torch.empty((b, E), dtype=torch.float32)
+        dB_thr = torch.zeros((a.nthreads, b, groups, length, n), dtype=torch.float32)
+        dC_thr = torch.zeros((a.nthreads, b, groups, length, n), dtype=torch.float32)
+        a.chunk_states, a.dout, a.du, a.ddelta = _ptr(states), _ptr(dout), _ptr(dxc), _ptr(ddelta)
+        a.dA_rows, a.dD_rows = _ptr(dA_heads), _ptr(dD_rows)
+        a.dB_threads, a.dC_threads = _ptr(dB_thr), _ptr(dC_thr)
+        _lib.ssmdiff_scan_backward(ctypes.byref(a))
+        for k, buf in enumerate((dB_thr, dC_thr)):
+            grad = buf.sum(0) if a.nthreads > 1 else buf[0]
+            dxc[:, E + k * groups * n:E + (k + 1) * groups * n].view(b, groups, n, length).copy_(grad.transpose(-1, -2))
+        return (dxc.to(xc.dtype), ddelta.to(delta.dtype), dA_heads.sum(0).to(A.dtype),
+                None if D_rows is None else dD_rows.sum(0).to(D_rows.dtype), dout if has_add else None,
+                None, None, None, None, None)
+
+
+def _ssd_args(f, E, head_dim, reverse) -> _ScanArgs:
+    xcf, delta, A, Bt, Ct, D = f
+    b, width, length = xcf.shape
+    n = Bt.shape[-1]
+    a = _ScanArgs()
+    a.batch, a.dim, a.len, a.dstate, a.groups, a.chunk = b, E, length, n, Bt.shape[1], CHUNK
+    a.softplus, a.reverse, a.head_dim, a.u_bstride = 0, int(reverse), head_dim, width * length
+    a.nthreads = _threads(b * E // head_dim, b * E * length * n)
+    a.u, a.delta, a.A, a.B, a.C, a.D = _ptr(xcf), _ptr(delta), _ptr(A), _ptr(Bt), _ptr(Ct), _ptr(D)
+    return a
+
+
+def ssd_channel_major(xc, delta, A, D_rows, E: int, groups: int, head_dim: int, reverse: bool = False, add=None):
+    """SSD on channel-major inputs: xc (b, E + 2 g n, l) holding x, B's groups and C's (Mamba-2's conv output
+    layout), delta (b, heads, l) after bias and softplus, A (heads,), D_rows (E,) or None -> y (b, E, l) float32
+    (plus ``add``, the other direction's output, summed inside the kernel). Requires ``available()`` and a state
+    size in ``SSD_STATES``."""
+    if load_library() is None:
+        raise RuntimeError("the compiled CPU scan is unavailable; use ssd_chunked")
+    n = (xc.shape[1] - E) // (2 * groups)
+    if n not in SSD_STATES or xc.shape[1] != E + 2 * groups * n or E % head_dim or (E // head_dim) % groups:
+        raise ValueError(f"ssd_channel_major: bad shapes xc {tuple(xc.shape)}, E={E}, groups={groups}, "
+                         f"head_dim={head_dim} (state sizes {SSD_STATES})")
+    keep = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (xc, delta, A, D_rows, add))
+    return SSDScanCPU.apply(xc, delta.contiguous(), A, D_rows, add, E, groups, head_dim, bool(reverse), keep)
+
+
+def ssd_scan_cpu(x, dt, A, B, C, D=None, dt_bias=None, dt_softplus=False, reverse=False):
+    """SSD (``ssd_chunked``'s arguments and result) on the compiled kernel: x (b, l, heads, p) -> (b, l, heads, p).
+
+    The recurrence runs step by step with the state in registers, one decay exp per step and head; nothing of size
+    (length x chunk) is formed, and memory is the inputs plus the state every ``CHUNK`` steps. Needs ``available()``
+    and a state size in ``SSD_STATES``. (Mamba-2's CPU path calls ``ssd_channel_major`` on its conv output directly.)
+    """
+    b, l, h, p = x.shape
+    g = B.shape[2]
+    delta = dt.float()
+    if dt_bias is not None:
+        delta = delta + dt_bias.float()
+    if dt_softplus:
+        delta = torch.nn.functional.softplus(delta)
+    xc = torch.cat([x.float().permute(0, 2, 3, 1).reshape(b, h * p, l),
+                    B.float().permute(0, 2, 3, 1).reshape(b, -1, l), C.float().permute(0, 2, 3, 1).reshape(b, -1, l)],
+                   dim=1)
+    D_rows = None if D is None else (D.float().repeat_interleave(p) if D.dim() == 1 else D.float().reshape(-1))
+    y = ssd_channel_major(xc, delta.transpose(1, 2), A.float(), D_rows, h * p, g, p, reverse)
+    return y.view(b, h, p, l).permute(0, 3, 1, 2).to(x.dtype)
 
 
 # ------------------------------------------------------------------------------------ depthwise conv + SiLU

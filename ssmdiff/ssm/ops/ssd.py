@@ -22,10 +22,12 @@ work it cannot see (decay masks, weighting of inputs and outputs, skip) is recor
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 
-from .counting import record_flops
+from .counting import counting_active, record_flops
 
 
 def _check_shapes(x, dt, A, B, C, D):
@@ -187,8 +189,22 @@ def _mamba_ssm_chunk_scan():
     return mamba_chunk_scan_combined
 
 
+def use_compiled_cpu(device: torch.device, d_state: int) -> bool:
+    """Whether SSD on ``device`` with state size ``d_state`` runs on the compiled CPU kernel: CPU tensors, a state
+    size it is built for, the kernel available, ``SSMDIFF_SCAN_BACKEND`` not "torch"/"ref", and no flop counting
+    active (counting goes through ``ssd_chunked``, so Gflops do not depend on the path)."""
+    if device.type != "cpu" or os.environ.get("SSMDIFF_SCAN_BACKEND") in ("torch", "ref") or counting_active():
+        return False
+    from . import _scan_cpu
+
+    return d_state in _scan_cpu.SSD_STATES and _scan_cpu.available()
+
+
 def ssd(x, dt, A, B, C, chunk_size=64, D=None, dt_bias=None, dt_softplus=False, reverse=False):
-    """SSD dispatcher: mamba-ssm's fused Triton kernel for CUDA tensors when it is installed, else ``ssd_chunked``.
+    """SSD dispatcher: mamba-ssm's fused Triton kernel for CUDA tensors when it is installed; on CPU the compiled
+    recurrence (``_scan_cpu.ssd_scan_cpu``) for state sizes 8/16/32/64 when the kernel builds (unless
+    ``SSMDIFF_SCAN_BACKEND`` is "torch" or "ref"); else ``ssd_chunked``. ``chunk_size`` only shapes the chunked
+    and Triton paths; the result is the same recurrence on every path.
 
     The fused kernel has no reverse mode, so on that path ``reverse`` runs it on flipped sequences (one flip in, one
     out: cheap next to the kernel on a GPU); everywhere else the reverse direction is computed natively.
@@ -202,5 +218,10 @@ def ssd(x, dt, A, B, C, chunk_size=64, D=None, dt_bias=None, dt_softplus=False, 
             y = kernel(x.contiguous(), dt.contiguous(), A.float(), B.contiguous(), C.contiguous(), chunk_size,
                        D=D, dt_bias=dt_bias, dt_softplus=dt_softplus)
             return y.flip(1) if reverse else y
+    if use_compiled_cpu(x.device, B.shape[-1]):
+        from ._scan_cpu import ssd_scan_cpu
+
+        _check_shapes(x, dt, A, B, C, D)
+        return ssd_scan_cpu(x, dt, A, B, C, D=D, dt_bias=dt_bias, dt_softplus=dt_softplus, reverse=reverse)
     return ssd_chunked(x, dt, A, B, C, chunk_size=chunk_size, D=D, dt_bias=dt_bias, dt_softplus=dt_softplus,
                        reverse=reverse)
