@@ -308,3 +308,26 @@ def test_state_dict_names_follow_mamba_ssm_and_vision_mamba():
                                                    "dt_proj_b.weight", "dt_proj_b.bias", "A_b_log", "D_b"}
     assert set(Mamba2(64).state_dict()) == {"in_proj.weight", "conv1d.weight", "conv1d.bias", "dt_bias", "A_log",
                                             "D", "norm.weight", "out_proj.weight"}
+
+
+@pytest.mark.parametrize("make", [lambda: BiMamba(32, d_state=16),
+                                  lambda: Mamba2(32, d_state=16, headdim=8, bidirectional=True)],
+                         ids=["BiMamba", "Mamba2"])
+def test_mixers_compile_without_graph_breaks(make):
+    """The compiled CPU kernels are custom ops, so torch.compile captures a whole mixer as one graph (fullgraph=True
+    fails on any break) and the compiled module matches eager, gradients included. aot_eager runs dynamo and AOT
+    autograd (the ops' fake and autograd registrations) without the slow inductor code generation."""
+    from ssmdiff.ssm.ops import _scan_cpu
+
+    if not _scan_cpu.available():
+        pytest.skip("the compiled CPU kernel could not be built")
+    torch.manual_seed(0)
+    m = make()
+    x = torch.randn(2, 40, 32, requires_grad=True)
+    compiled = torch.compile(m, backend="aot_eager", fullgraph=True)
+    y_eager, y_comp = m(x), compiled(x)
+    torch.testing.assert_close(y_comp, y_eager)
+    g_eager = torch.autograd.grad(y_eager.square().sum(), [x, *m.parameters()])
+    g_comp = torch.autograd.grad(y_comp.square().sum(), [x, *m.parameters()])
+    for a, b in zip(g_comp, g_eager):
+        torch.testing.assert_close(a, b)

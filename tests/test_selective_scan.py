@@ -380,3 +380,30 @@ def test_mamba_ssm_kernel_on_cuda(reverse):
     pytest.importorskip("mamba_ssm")
     inputs, kw = _case(256, OPTION_SETS["full"], reverse=reverse, device="cuda")
     compare(inputs, "cuda", FP32_TOL, grad_tol=dict(rtol=2e-3, atol=5e-3), **kw)
+
+
+def test_cpu_kernels_are_well_formed_custom_ops():
+    """The compiled kernels are torch custom ops (so torch.compile traces through them): opcheck tests their
+    schemas, fake (shape) functions and autograd registrations against real calls."""
+    from ssmdiff.ssm.ops import _scan_cpu
+
+    if not _scan_cpu.available():
+        pytest.skip("the compiled CPU kernel could not be built")
+    torch.manual_seed(0)
+    b, d, length, n = 2, 16, 20, 8
+
+    def leaf(*shape):
+        return torch.randn(*shape, requires_grad=True)
+
+    scan_args = (leaf(b, d, length), leaf(b, d, length), (-torch.rand(d, n)).requires_grad_(), leaf(b, n, length),
+                 leaf(b, n, length), leaf(d), leaf(b, d, length), leaf(d), leaf(b, d, length), True, False, True)
+    torch.library.opcheck(torch.ops.ssmdiff.selective_scan_fwd.default, scan_args)
+    heads, p, g = 4, 4, 2
+    E = heads * p
+    ssd_args = (leaf(b, E + 2 * g * n, length), torch.rand(b, heads, length, requires_grad=True),
+                (-torch.rand(heads)).requires_grad_(), leaf(E), leaf(b, E, length), E, g, p, True, True)
+    torch.library.opcheck(torch.ops.ssmdiff.ssd_scan_fwd.default, ssd_args)
+    for two in (False, True):
+        conv_args = (leaf(b, d, length), leaf(d, 1, 4), leaf(d), leaf(d, 1, 4) if two else None,
+                     leaf(d) if two else None, False, True)
+        torch.library.opcheck(torch.ops.ssmdiff.conv_silu_fwd.default, conv_args)

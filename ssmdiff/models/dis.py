@@ -5,8 +5,9 @@ position table; a U-ViT stack of pre-norm residual blocks (``depth//2`` in, one 
 blocks fusing a long skip through Linear(2D, D)) around a bidirectional Mamba mixer; a DiT-like head whose LayerNorm
 is modulated by (time + class) when conditional. Parameter counts equal the reference implementation's.
 
-``mixer="mamba2"`` swaps the bidirectional Mamba-1 mixer for a bidirectional Mamba-2 (SSD) mixer, whose chunked
-matrix-product form is much faster on CPUs and tensor cores.
+``mixer="mamba2"`` swaps the bidirectional Mamba-1 mixer for a bidirectional Mamba-2 (SSD) mixer: one decay per
+head instead of one per state entry, computed by chunked matrix products on GPUs (mamba-ssm's kernels) and by the
+compiled recurrence on CPUs, where it is about as fast as the Mamba-1 mixer (``benchmarks/models.py``).
 """
 
 from __future__ import annotations

@@ -134,8 +134,5 @@ def conv_silu(x: torch.Tensor, convs) -> tuple[torch.Tensor, ...]:
     from ..ops import _scan_cpu
 
     if x.device.type == "cpu" and not counting_active() and _scan_cpu.available():
-        params = []
-        for weight, bias, _ in convs:
-            params += [weight, bias]
-        return _scan_cpu.ConvSiluCPU.apply(x, tuple(bool(r) for _, _, r in convs), *params)
+        return _scan_cpu.conv_silu_cpu(x, convs)
     return tuple(F.silu(depthwise_conv1d(x, w, b, reverse=r)) for w, b, r in convs)

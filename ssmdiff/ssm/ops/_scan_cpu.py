@@ -7,7 +7,7 @@ written atomically (temporary name, then rename) so parallel processes (pytest-x
 half-written file. ctypes releases the GIL during the call; the kernel runs its own threads
 (``torch.get_num_threads()`` of them).
 
-The autograd Function saves the inputs plus the state at every ``CHUNK``-th step, (batch, channels, length/CHUNK,
+The autograd formula saves the inputs plus the state at every ``CHUNK``-th step, (batch, channels, length/CHUNK,
 state) floats, and the backward recomputes states chunk by chunk: nothing of size (batch, length, channels, state)
 is ever allocated.
 """
@@ -25,8 +25,9 @@ import threading
 import warnings
 from pathlib import Path
 
+from typing import Optional
+
 import torch
-from torch.autograd.function import once_differentiable
 
 CHUNK = 64
 _SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "selective_scan_cpu.cpp"
@@ -213,55 +214,102 @@ def _inputs_f32(u, delta, A, B, C, D, z, delta_bias):
     return (_f32(u), _f32(delta), _f32(A), _state_last(B), _state_last(C), _f32(D), _f32(z), _f32(delta_bias))
 
 
-class SelectiveScanCPU(torch.autograd.Function):
-    """Autograd wrapper of the compiled kernel; inputs already validated by ``selective_scan``."""
+# The kernels are registered as torch custom ops (forward and backward ops plus an autograd formula), so that
+# torch.compile sees each call as one opaque op with known output shapes instead of breaking the graph at ctypes.
+_EMPTY = (0,)
 
-    @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, add, delta_softplus, reverse, keep):
-        f = _inputs_f32(u, delta, A, B, C, D, z, delta_bias)
-        out, last, states = _forward(*f, delta_softplus, reverse, keep_states=keep, add=_f32(add))
-        ctx.flags = (delta_softplus, reverse)
-        ctx.add_dtype = None if add is None else add.dtype
-        if keep:
-            ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, states)
-        ctx.mark_non_differentiable(last)
-        return out.to(u.dtype), last
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, dout, _dlast):
-        u, delta, A, B, C, D, z, delta_bias, states = ctx.saved_tensors
-        softplus, reverse = ctx.flags
-        f = _inputs_f32(u, delta, A, B, C, D, z, delta_bias)
-        b, d, length = u.shape
-        n = A.shape[1]
-        g = f[3].shape[1]
-        dout = _f32(dout)
-        du, ddelta = torch.empty_like(f[0]), torch.empty_like(f[0])
-        dz = torch.empty_like(f[0]) if z is not None else None
-        dA_rows = torch.empty((b, d, n), dtype=torch.float32)
-        dD_rows = torch.empty((b, d), dtype=torch.float32)
-        dbias_rows = torch.empty((b, d), dtype=torch.float32)
-        a = _args(*f, softplus, reverse)
-        # One dB/dC accumulator per thread: channels of a group write the same (b, g, l, n) entries.
-        dB_thr = torch.zeros((a.nthreads, b, g, length, n), dtype=torch.float32)
-        dC_thr = torch.zeros((a.nthreads, b, g, length, n), dtype=torch.float32)
-        a.chunk_states, a.dout = _ptr(states), _ptr(dout)
-        a.du, a.ddelta, a.dz = _ptr(du), _ptr(ddelta), _ptr(dz)
-        a.dA_rows, a.dD_rows, a.dbias_rows = _ptr(dA_rows), _ptr(dD_rows), _ptr(dbias_rows)
-        a.dB_threads, a.dC_threads = _ptr(dB_thr), _ptr(dC_thr)
-        _lib.ssmdiff_scan_backward(ctypes.byref(a))
+def _none_if_empty(t: torch.Tensor, present: bool):
+    return t if present else None
 
-        def bc_grad(buf, X):
-            grad = buf.sum(0) if buf.shape[0] > 1 else buf[0]
-            grad = grad.transpose(-1, -2)  # (b, g, n, l)
-            return (grad.squeeze(1) if X.dim() == 3 else grad).to(X.dtype)
 
-        return (du.to(u.dtype), ddelta.to(delta.dtype), dA_rows.sum(0).to(A.dtype), bc_grad(dB_thr, B),
-                bc_grad(dC_thr, C), None if D is None else dD_rows.sum(0).to(D.dtype),
-                None if z is None else dz.to(z.dtype),
-                None if delta_bias is None else dbias_rows.sum(0).to(delta_bias.dtype),
-                None if ctx.add_dtype is None else dout.to(ctx.add_dtype), None, None, None)
+@torch.library.custom_op("ssmdiff::selective_scan_fwd", mutates_args=(), device_types="cpu")
+def _scan_fwd(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+              D: Optional[torch.Tensor], z: Optional[torch.Tensor], delta_bias: Optional[torch.Tensor],
+              add: Optional[torch.Tensor], softplus: bool, reverse: bool,
+              keep: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(out in u's dtype, last state (b, d, n) float32, chunk states for the backward or an empty tensor)."""
+    f = _inputs_f32(u, delta, A, B, C, D, z, delta_bias)
+    out, last, states = _forward(*f, softplus, reverse, keep_states=keep, add=_f32(add))
+    return out.to(u.dtype), last, states if keep else out.new_empty(_EMPTY)
+
+
+@_scan_fwd.register_fake
+def _(u, delta, A, B, C, D, z, delta_bias, add, softplus, reverse, keep):
+    b, d, length = u.shape
+    n = A.shape[1]
+    states = (b, d, -(-length // CHUNK), n) if keep else _EMPTY
+    return (u.new_empty((b, d, length)), u.new_empty((b, d, n), dtype=torch.float32),
+            u.new_empty(states, dtype=torch.float32))
+
+
+@torch.library.custom_op("ssmdiff::selective_scan_bwd", mutates_args=(), device_types="cpu")
+def _scan_bwd(dout: torch.Tensor, u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+              C: torch.Tensor, D: Optional[torch.Tensor], z: Optional[torch.Tensor],
+              delta_bias: Optional[torch.Tensor], states: torch.Tensor, softplus: bool,
+              reverse: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                      torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(du, ddelta, dA, dB, dC, dD, dz, ddelta_bias) in their inputs' dtypes; empty for an absent input."""
+    f = _inputs_f32(u, delta, A, B, C, D, z, delta_bias)
+    b, d, length = u.shape
+    n = A.shape[1]
+    g = f[3].shape[1]
+    dout = _f32(dout)
+    du, ddelta = torch.empty_like(f[0]), torch.empty_like(f[0])
+    dz = torch.empty_like(f[0]) if z is not None else None
+    dA_rows = torch.empty((b, d, n), dtype=torch.float32)
+    dD_rows = torch.empty((b, d), dtype=torch.float32)
+    dbias_rows = torch.empty((b, d), dtype=torch.float32)
+    a = _args(*f, softplus, reverse)
+    # One dB/dC accumulator per thread: channels of a group write the same (b, g, l, n) entries.
+    dB_thr = torch.zeros((a.nthreads, b, g, length, n), dtype=torch.float32)
+    dC_thr = torch.zeros((a.nthreads, b, g, length, n), dtype=torch.float32)
+    a.chunk_states, a.dout = _ptr(states), _ptr(dout)
+    a.du, a.ddelta, a.dz = _ptr(du), _ptr(ddelta), _ptr(dz)
+    a.dA_rows, a.dD_rows, a.dbias_rows = _ptr(dA_rows), _ptr(dD_rows), _ptr(dbias_rows)
+    a.dB_threads, a.dC_threads = _ptr(dB_thr), _ptr(dC_thr)
+    _lib.ssmdiff_scan_backward(ctypes.byref(a))
+
+    def bc_grad(buf, X):
+        grad = buf.sum(0) if buf.shape[0] > 1 else buf[0]
+        grad = grad.transpose(-1, -2)  # (b, g, n, l)
+        return (grad.squeeze(1) if X.dim() == 3 else grad).to(X.dtype).contiguous()
+
+    def empty():  # one per absent input: outputs of a custom op may not alias each other
+        return u.new_empty(_EMPTY)
+
+    return (du.to(u.dtype), ddelta.to(delta.dtype), dA_rows.sum(0).to(A.dtype), bc_grad(dB_thr, B),
+            bc_grad(dC_thr, C), empty() if D is None else dD_rows.sum(0).to(D.dtype),
+            empty() if z is None else dz.to(z.dtype),
+            empty() if delta_bias is None else dbias_rows.sum(0).to(delta_bias.dtype))
+
+
+@_scan_bwd.register_fake
+def _(dout, u, delta, A, B, C, D, z, delta_bias, states, softplus, reverse):
+    def like(t):
+        return u.new_empty(_EMPTY) if t is None else torch.empty_like(t)
+
+    return (torch.empty_like(u), torch.empty_like(delta), torch.empty_like(A), torch.empty_like(B),
+            torch.empty_like(C), like(D), like(z), like(delta_bias))
+
+
+def _scan_setup(ctx, inputs, output):
+    u, delta, A, B, C, D, z, delta_bias, add, softplus, reverse, keep = inputs
+    ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, output[2])
+    ctx.flags = (softplus, reverse)
+    ctx.add_dtype = None if add is None else add.dtype
+
+
+def _scan_backward(ctx, dout, _dlast, _dstates):
+    u, delta, A, B, C, D, z, delta_bias, states = ctx.saved_tensors
+    dout = torch.zeros_like(u) if dout is None else dout
+    du, ddelta, dA, dB, dC, dD, dz, dbias = _scan_bwd(dout, u, delta, A, B, C, D, z, delta_bias, states, *ctx.flags)
+    return (du, ddelta, dA, dB, dC, _none_if_empty(dD, D is not None), _none_if_empty(dz, z is not None),
+            _none_if_empty(dbias, delta_bias is not None),
+            None if ctx.add_dtype is None else dout.to(ctx.add_dtype), None, None, None)
+
+
+_scan_fwd.register_autograd(_scan_backward, setup_context=_scan_setup)
 
 
 def selective_scan_cpu(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, reverse=False,
@@ -274,8 +322,8 @@ def selective_scan_cpu(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
     # Grad mode is off inside Function.forward, so whether to keep chunk states is decided here.
     keep = torch.is_grad_enabled() and any(t is not None and t.requires_grad
                                            for t in (u, delta, A, B, C, D, z, delta_bias, add))
-    return SelectiveScanCPU.apply(u, delta, A, B, C, D, z, delta_bias, add, bool(delta_softplus), bool(reverse),
-                                  keep)
+    out, last, _ = _scan_fwd(u, delta, A, B, C, D, z, delta_bias, add, bool(delta_softplus), bool(reverse), keep)
+    return out, last
 
 
 # ------------------------------------------------------------------------- Mamba-2 (SSD): scalar decay per head
@@ -283,65 +331,99 @@ def selective_scan_cpu(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
 SSD_STATES = (8, 16, 32, 64)  # state sizes the kernel's scalar-decay mode is compiled for
 
 
-class SSDScanCPU(torch.autograd.Function):
-    """Mamba-2's recurrence on the compiled kernel in scalar-decay mode, reading one channel-major tensor.
+def _ssd_bc(xcf: torch.Tensor, E: int, groups: int):
+    """B and C as (b, g, l, n) contiguous float32 from their channel-major rows of xc."""
+    b, width, length = xcf.shape
+    n = (width - E) // (2 * groups)
+    return tuple(xcf[:, E + k * groups * n:E + (k + 1) * groups * n].view(b, groups, n, length).transpose(-1, -2)
+                 .contiguous() for k in (0, 1))
 
-    forward(xc (b, E + 2 g n, l): the channels of x, then B's groups, then C's, as Mamba-2's conv produces them;
-    delta (b, heads, l) already biased and soft-plussed; A (heads,); D_rows (E,) or None; add (b, E, l) or None;
-    E, groups, head_dim, reverse, keep) -> y (b, E, l) float32 channel-major, plus ``add``.
-    Channel e belongs to head e // head_dim; the head's decay exp(delta * A) is computed once per step, not once
-    per state entry, and the kernel walks time chunk by chunk across a head's rows (see the C++ file). x is read in
-    place and its gradient written in place into the one gradient tensor of xc.
+
+@torch.library.custom_op("ssmdiff::ssd_scan_fwd", mutates_args=(), device_types="cpu")
+def _ssd_fwd(xc: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, D_rows: Optional[torch.Tensor],
+             add: Optional[torch.Tensor], E: int, groups: int, head_dim: int, reverse: bool,
+             keep: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mamba-2's recurrence on the kernel's scalar-decay mode, reading one channel-major tensor.
+
+    xc (b, E + 2 g n, l): the channels of x, then B's groups, then C's, as Mamba-2's conv produces them; delta
+    (b, heads, l) already biased and soft-plussed; A (heads,); D_rows (E,) or None; add (b, E, l) or None.
+    Returns y (b, E, l) float32 channel-major (plus ``add``) and the chunk states (or an empty tensor). Channel e
+    belongs to head e // head_dim; the head's decay exp(delta * A) is computed once per step, not once per state
+    entry, and the kernel walks time chunk by chunk across a head's rows (see the C++ file). x is read in place.
     """
+    xcf = _f32(xc)
+    Bt, Ct = _ssd_bc(xcf, E, groups)
+    f = (xcf, _f32(delta), _f32(A), Bt, Ct, _f32(D_rows))
+    a = _ssd_args(f, E, head_dim, reverse)
+    b, _, length = xc.shape
+    out = torch.empty((b, E, length), dtype=torch.float32)
+    states = torch.empty((b, E, -(-length // CHUNK), Bt.shape[-1]) if keep else _EMPTY, dtype=torch.float32)
+    add = _f32(add)
+    a.add, a.out, a.chunk_states = _ptr(add), _ptr(out), _ptr(states) if keep else None
+    _lib.ssmdiff_scan_forward(ctypes.byref(a))
+    return out, states
 
-    @staticmethod
-    def forward(ctx, xc, delta, A, D_rows, add, E, groups, head_dim, reverse, keep):
-        b, width, length = xc.shape
-        n = (width - E) // (2 * groups)
-        xcf = _f32(xc)
-        Bt, Ct = (xcf[:, E + k * groups * n:E + (k + 1) * groups * n].view(b, groups, n, length).transpose(-1, -2)
-                  .contiguous() for k in (0, 1))
-        f = (xcf, _f32(delta), _f32(A), Bt, Ct, _f32(D_rows))
-        a = _ssd_args(f, E, head_dim, reverse)
-        out = torch.empty((b, E, length), dtype=torch.float32)
-        states = torch.empty((b, E, -(-length // CHUNK), n), dtype=torch.float32) if keep else None
-        add = _f32(add)
-        a.add, a.out, a.chunk_states = _ptr(add), _ptr(out), _ptr(states)
-        _lib.ssmdiff_scan_forward(ctypes.byref(a))
-        ctx.meta = (E, groups, head_dim, reverse, add is not None)
-        if keep:
-            ctx.save_for_backward(xc, delta, A, D_rows, states)
-        return out
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, dout):
-        xc, delta, A, D_rows, states = ctx.saved_tensors
-        E, groups, head_dim, reverse, has_add = ctx.meta
-        b, width, length = xc.shape
-        n = (width - E) // (2 * groups)
-        xcf = _f32(xc)
-        Bt, Ct = (xcf[:, E + k * groups * n:E + (k + 1) * groups * n].view(b, groups, n, length).transpose(-1, -2)
-                  .contiguous() for k in (0, 1))
-        f = (xcf, _f32(delta), _f32(A), Bt, Ct, _f32(D_rows))
-        a = _ssd_args(f, E, head_dim, reverse)
-        dout = _f32(dout)
-        dxc = torch.empty((b, width, length), dtype=torch.float32)
-        ddelta = torch.empty_like(f[1])
-        dA_heads = torch.empty((b, A.shape[0]), dtype=torch.float32)
-        dD_rows = torch.empty((b, E), dtype=torch.float32)
-        dB_thr = torch.zeros((a.nthreads, b, groups, length, n), dtype=torch.float32)
-        dC_thr = torch.zeros((a.nthreads, b, groups, length, n), dtype=torch.float32)
-        a.chunk_states, a.dout, a.du, a.ddelta = _ptr(states), _ptr(dout), _ptr(dxc), _ptr(ddelta)
-        a.dA_rows, a.dD_rows = _ptr(dA_heads), _ptr(dD_rows)
-        a.dB_threads, a.dC_threads = _ptr(dB_thr), _ptr(dC_thr)
-        _lib.ssmdiff_scan_backward(ctypes.byref(a))
-        for k, buf in enumerate((dB_thr, dC_thr)):
-            grad = buf.sum(0) if a.nthreads > 1 else buf[0]
-            dxc[:, E + k * groups * n:E + (k + 1) * groups * n].view(b, groups, n, length).copy_(grad.transpose(-1, -2))
-        return (dxc.to(xc.dtype), ddelta.to(delta.dtype), dA_heads.sum(0).to(A.dtype),
-                None if D_rows is None else dD_rows.sum(0).to(D_rows.dtype), dout if has_add else None,
-                None, None, None, None, None)
+@_ssd_fwd.register_fake
+def _(xc, delta, A, D_rows, add, E, groups, head_dim, reverse, keep):
+    b, width, length = xc.shape
+    n = (width - E) // (2 * groups)
+    states = (b, E, -(-length // CHUNK), n) if keep else _EMPTY
+    return xc.new_empty((b, E, length), dtype=torch.float32), xc.new_empty(states, dtype=torch.float32)
+
+
+@torch.library.custom_op("ssmdiff::ssd_scan_bwd", mutates_args=(), device_types="cpu")
+def _ssd_bwd(dout: torch.Tensor, xc: torch.Tensor, delta: torch.Tensor, A: torch.Tensor,
+             D_rows: Optional[torch.Tensor], states: torch.Tensor, E: int, groups: int, head_dim: int,
+             reverse: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dxc, ddelta, dA, dD_rows or empty): x's gradient written in place into dxc, then B's and C's."""
+    b, width, length = xc.shape
+    xcf = _f32(xc)
+    Bt, Ct = _ssd_bc(xcf, E, groups)
+    n = Bt.shape[-1]
+    f = (xcf, _f32(delta), _f32(A), Bt, Ct, _f32(D_rows))
+    a = _ssd_args(f, E, head_dim, reverse)
+    dout = _f32(dout)
+    dxc = torch.empty((b, width, length), dtype=torch.float32)
+    ddelta = torch.empty_like(f[1])
+    dA_heads = torch.empty((b, A.shape[0]), dtype=torch.float32)
+    dD_rows = torch.empty((b, E), dtype=torch.float32)
+    dB_thr = torch.zeros((a.nthreads, b, groups, length, n), dtype=torch.float32)
+    dC_thr = torch.zeros((a.nthreads, b, groups, length, n), dtype=torch.float32)
+    a.chunk_states, a.dout, a.du, a.ddelta = _ptr(states), _ptr(dout), _ptr(dxc), _ptr(ddelta)
+    a.dA_rows, a.dD_rows = _ptr(dA_heads), _ptr(dD_rows)
+    a.dB_threads, a.dC_threads = _ptr(dB_thr), _ptr(dC_thr)
+    _lib.ssmdiff_scan_backward(ctypes.byref(a))
+    for k, buf in enumerate((dB_thr, dC_thr)):
+        grad = buf.sum(0) if a.nthreads > 1 else buf[0]
+        dxc[:, E + k * groups * n:E + (k + 1) * groups * n].view(b, groups, n, length).copy_(grad.transpose(-1, -2))
+    return (dxc.to(xc.dtype), ddelta.to(delta.dtype), dA_heads.sum(0).to(A.dtype),
+            xc.new_empty(_EMPTY) if D_rows is None else dD_rows.sum(0).to(D_rows.dtype))
+
+
+@_ssd_bwd.register_fake
+def _(dout, xc, delta, A, D_rows, states, E, groups, head_dim, reverse):
+    return (torch.empty_like(xc), torch.empty_like(delta), torch.empty_like(A),
+            xc.new_empty(_EMPTY) if D_rows is None else torch.empty_like(D_rows))
+
+
+def _ssd_setup(ctx, inputs, output):
+    xc, delta, A, D_rows, add, E, groups, head_dim, reverse, keep = inputs
+    ctx.save_for_backward(xc, delta, A, D_rows, output[1])
+    ctx.meta = (E, groups, head_dim, reverse)
+    ctx.add_dtype = None if add is None else add.dtype
+
+
+def _ssd_backward(ctx, dout, _dstates):
+    xc, delta, A, D_rows, states = ctx.saved_tensors
+    if dout is None:
+        dout = xc.new_zeros((xc.shape[0], ctx.meta[0], xc.shape[2]), dtype=torch.float32)
+    dxc, ddelta, dA, dD = _ssd_bwd(dout, xc, delta, A, D_rows, states, *ctx.meta)
+    return (dxc, ddelta, dA, _none_if_empty(dD, D_rows is not None),
+            None if ctx.add_dtype is None else dout.to(ctx.add_dtype), None, None, None, None, None)
+
+
+_ssd_fwd.register_autograd(_ssd_backward, setup_context=_ssd_setup)
 
 
 def _ssd_args(f, E, head_dim, reverse) -> _ScanArgs:
@@ -368,7 +450,7 @@ def ssd_channel_major(xc, delta, A, D_rows, E: int, groups: int, head_dim: int, 
         raise ValueError(f"ssd_channel_major: bad shapes xc {tuple(xc.shape)}, E={E}, groups={groups}, "
                          f"head_dim={head_dim} (state sizes {SSD_STATES})")
     keep = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (xc, delta, A, D_rows, add))
-    return SSDScanCPU.apply(xc, delta.contiguous(), A, D_rows, add, E, groups, head_dim, bool(reverse), keep)
+    return _ssd_fwd(xc, delta.contiguous(), A, D_rows, add, E, groups, head_dim, bool(reverse), keep)[0]
 
 
 def ssd_scan_cpu(x, dt, A, B, C, D=None, dt_bias=None, dt_softplus=False, reverse=False):
@@ -411,45 +493,86 @@ def _conv_args(x: torch.Tensor, weights, biases, reverses) -> _ConvSiluArgs:
     return a
 
 
-class ConvSiluCPU(torch.autograd.Function):
-    """silu(depthwise causal/anti-causal conv1d(x)) for one or two directions sharing x, in one pass over x.
+@torch.library.custom_op("ssmdiff::conv_silu_fwd", mutates_args=(), device_types="cpu")
+def _conv_fwd(x: torch.Tensor, w0: torch.Tensor, b0: Optional[torch.Tensor], w1: Optional[torch.Tensor],
+              b1: Optional[torch.Tensor], rev0: bool, rev1: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """silu(depthwise causal/anti-causal conv1d(x)) for one direction (w1 None: the second output is empty) or two
+    sharing x, in one pass over x; outputs in x's dtype (computed in float32)."""
+    params = [w0, b0] + ([w1, b1] if w1 is not None else [])
+    xf, weights, biases = _conv_inputs(x, params)
+    outs = [torch.empty_like(xf) for _ in weights]
+    a = _conv_args(xf, weights, biases, (rev0, rev1)[:len(weights)])
+    for j, o in enumerate(outs):
+        a.out[j] = _ptr(o)
+    _lib.ssmdiff_conv_silu_forward(ctypes.byref(a))
+    outs = [o.to(x.dtype) for o in outs]
+    return outs[0], outs[1] if len(outs) > 1 else x.new_empty(_EMPTY)
 
-    forward(x, reverses, w0, b0[, w1, b1]) -> one output per direction, in x's dtype (computed in float32).
-    The backward recomputes the pre-activation row by row instead of saving it, and returns dx summed over the
-    directions, so neither the pre-activations nor per-direction input gradients are ever stored.
-    """
 
-    @staticmethod
-    def forward(ctx, x, reverses, *params):
-        xf, weights, biases = _conv_inputs(x, params)
-        outs = [torch.empty_like(xf) for _ in weights]
-        a = _conv_args(xf, weights, biases, reverses)
-        for j, o in enumerate(outs):
-            a.out[j] = _ptr(o)
-        _lib.ssmdiff_conv_silu_forward(ctypes.byref(a))
-        ctx.save_for_backward(x, *params)
-        ctx.reverses = reverses
-        return tuple(o.to(x.dtype) for o in outs)
+@_conv_fwd.register_fake
+def _(x, w0, b0, w1, b1, rev0, rev1):
+    return torch.empty_like(x), torch.empty_like(x) if w1 is not None else x.new_empty(_EMPTY)
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, *grads):
-        x, *params = ctx.saved_tensors
-        xf, weights, biases = _conv_inputs(x, params)
-        b, d, length = xf.shape
-        k = weights[0].shape[-1]
-        grads = [torch.zeros_like(xf) if g is None else _f32(g) for g in grads]
-        a = _conv_args(xf, weights, biases, ctx.reverses)
-        dx = torch.empty_like(xf)
-        dws = [torch.empty((b, d, k), dtype=torch.float32) for _ in weights]
-        dbs = [torch.empty((b, d), dtype=torch.float32) if bias is not None else None for bias in biases]
-        a.dx = _ptr(dx)
-        for j, g in enumerate(grads):
-            a.gout[j], a.dw_rows[j], a.db_rows[j] = _ptr(g), _ptr(dws[j]), _ptr(dbs[j])
-        _lib.ssmdiff_conv_silu_backward(ctypes.byref(a))
-        out = [dx.to(x.dtype), None]
-        for j in range(len(weights)):
-            w, bias = params[2 * j], params[2 * j + 1]
-            out.append(dws[j].sum(0).reshape(w.shape).to(w.dtype))
-            out.append(None if bias is None else dbs[j].sum(0).to(bias.dtype))
-        return tuple(out)
+
+@torch.library.custom_op("ssmdiff::conv_silu_bwd", mutates_args=(), device_types="cpu")
+def _conv_bwd(g0: torch.Tensor, g1: torch.Tensor, x: torch.Tensor, w0: torch.Tensor, b0: Optional[torch.Tensor],
+              w1: Optional[torch.Tensor], b1: Optional[torch.Tensor], rev0: bool,
+              rev1: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx summed over the directions, dw0, db0, dw1, db1), empty for absent parameters. The pre-activations are
+    recomputed row by row, so neither they nor per-direction input gradients are ever stored."""
+    params = [w0, b0] + ([w1, b1] if w1 is not None else [])
+    xf, weights, biases = _conv_inputs(x, params)
+    b, d, length = xf.shape
+    k = weights[0].shape[-1]
+    grads = [_f32(g) for g in (g0, g1)[:len(weights)]]
+    a = _conv_args(xf, weights, biases, (rev0, rev1)[:len(weights)])
+    dx = torch.empty_like(xf)
+    dws = [torch.empty((b, d, k), dtype=torch.float32) for _ in weights]
+    dbs = [torch.empty((b, d), dtype=torch.float32) if bias is not None else None for bias in biases]
+    a.dx = _ptr(dx)
+    for j, g in enumerate(grads):
+        a.gout[j], a.dw_rows[j], a.db_rows[j] = _ptr(g), _ptr(dws[j]), _ptr(dbs[j])
+    _lib.ssmdiff_conv_silu_backward(ctypes.byref(a))
+    out = [dx.to(x.dtype)]
+    for j in range(2):
+        w, bias = (w0, b0) if j == 0 else (w1, b1)
+        out.append(x.new_empty(_EMPTY) if w is None else dws[j].sum(0).reshape(w.shape).to(w.dtype))
+        out.append(x.new_empty(_EMPTY) if bias is None or w is None else dbs[j].sum(0).to(bias.dtype))
+    return tuple(out)
+
+
+@_conv_bwd.register_fake
+def _(g0, g1, x, w0, b0, w1, b1, rev0, rev1):
+    def like(t):
+        return x.new_empty(_EMPTY) if t is None else torch.empty_like(t)
+
+    return torch.empty_like(x), like(w0), like(b0), like(w1), like(b1)
+
+
+def _conv_setup(ctx, inputs, output):
+    x, w0, b0, w1, b1, rev0, rev1 = inputs
+    ctx.save_for_backward(x, w0, b0, w1, b1)
+    ctx.revs = (rev0, rev1)
+
+
+def _conv_backward(ctx, g0, g1):
+    x, w0, b0, w1, b1 = ctx.saved_tensors
+    g0 = torch.zeros_like(x) if g0 is None else g0
+    g1 = torch.zeros_like(x) if g1 is None or (w1 is not None and g1.numel() != x.numel()) else g1
+    dx, dw0, db0, dw1, db1 = _conv_bwd(g0, g1, x, w0, b0, w1, b1, *ctx.revs)
+    return (dx, dw0, _none_if_empty(db0, b0 is not None), _none_if_empty(dw1, w1 is not None),
+            _none_if_empty(db1, b1 is not None), None, None)
+
+
+_conv_fwd.register_autograd(_conv_backward, setup_context=_conv_setup)
+
+
+def conv_silu_cpu(x: torch.Tensor, convs) -> tuple[torch.Tensor, ...]:
+    """The compiled conv + SiLU for one or two ``(weight, bias, reverse)`` directions reading x (batch, channels,
+    length); one output per direction. Requires ``available()``."""
+    if load_library() is None:
+        raise RuntimeError("the compiled CPU kernels are unavailable")
+    (w0, b0, r0), *rest = convs
+    w1, b1, r1 = rest[0] if rest else (None, None, False)
+    y0, y1 = _conv_fwd(x, w0, b0, w1, b1, bool(r0), bool(r1))
+    return (y0, y1) if rest else (y0,)
