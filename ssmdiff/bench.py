@@ -321,7 +321,8 @@ def measure_config(cfg: dict) -> dict:
     """Train and sample one configuration in this process; returns the measured fields of its row.
 
     cfg: {"name", "overrides", "tokens", "batch", "dtype", "device", "num_classes", "warmup", "repeats",
-    "budget_s", "threads", "pin_malloc", "floor_kb"}.
+    "budget_s", "threads", "pin_malloc", "floor_kb", "compile"}. With "compile" both phases run the model through
+    torch.compile (the compilation happens in the untimed warm-up steps).
     """
     import torch
     import torch.nn.functional as F
@@ -350,17 +351,19 @@ def measure_config(cfg: dict) -> dict:
     hooks = [m.register_forward_pre_hook(lambda _m, args: lengths.append(args[0].shape[1]))
              for m in model.modules() if isinstance(m, _mixer_classes())]
 
+    run = torch.compile(model) if cfg.get("compile") else model
+
     def train_step():
         opt.zero_grad(set_to_none=True)
         with autocast:
-            out = model(x, t, y)
+            out = run(x, t, y)
         loss = F.mse_loss(out[:, :channels].float(), noise)
         loss.backward()
         opt.step()
 
     def sample_step():
         with torch.inference_mode(), autocast:
-            model(x, t, y)
+            run(x, t, y)
 
     row = {}
     model.train()
@@ -430,7 +433,7 @@ def run_model_benchmark(models=DEFAULT_MODELS, tokens=DEFAULT_TOKENS, dtypes=DTY
                         device: str = "cpu", num_classes: int = 1000, warmup: int = 1, repeats: int = 3,
                         budget_s: float = DEFAULT_BUDGET_S, threads: int | None = None, isolate: bool = True,
                         add_baselines: bool = True, matmul_seconds: float = 2.0, rounds: int = 1,
-                        progress=print) -> dict:
+                        compile: bool = False, progress=print) -> dict:
     """Run the benchmark grid; returns {"rows": [...], "matmul_flops": {...}, "bars": {...}, "environment": {...}}.
 
     models: names or specs ("DiS-S/2:mixer=mamba2"); each state-space model's DiT pair is added when missing
@@ -440,7 +443,8 @@ def run_model_benchmark(models=DEFAULT_MODELS, tokens=DEFAULT_TOKENS, dtypes=DTY
     process freed earlier). budget_s: seconds of timed repeats per phase. rounds: measure every configuration
     this many times, round-robin (round 2 starts after the last configuration of round 1), so that a burst of load
     on a shared machine hits one measurement of each configuration rather than all of one; a row keeps every timed
-    step and reports the fastest (see ``_derive``). Each row has status "ok", "skipped" or "failed" (with
+    step and reports the fastest (see ``_derive``). compile: every model, DiT included, runs through
+    torch.compile (compiled in the untimed warm-up; needs warmup >= 1). Each row has status "ok", "skipped" or "failed" (with
     "reason"); ratios against the paired DiT are filled in by ``compute_ratios``.
     """
     import torch
@@ -474,6 +478,8 @@ def run_model_benchmark(models=DEFAULT_MODELS, tokens=DEFAULT_TOKENS, dtypes=DTY
         raise ValueError(f"batch must be a positive int, got {batch!r}")
     if budget_s <= 0 or repeats < 1 or warmup < 0 or not isinstance(rounds, int) or rounds < 1:
         raise ValueError("budget_s must be > 0, repeats >= 1, rounds >= 1 and warmup >= 0")
+    if compile and warmup < 1:
+        raise ValueError("compile needs warmup >= 1: the compilation must not be timed")
     try:
         dev = torch.device(device)
     except RuntimeError:
@@ -495,6 +501,7 @@ def run_model_benchmark(models=DEFAULT_MODELS, tokens=DEFAULT_TOKENS, dtypes=DTY
         "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
         "torch": torch.__version__,
         "scan_backend": resolve_backend(dev),
+        "compile": bool(compile),
         "python": platform.python_version(),
     }
     progress(f"measuring the matmul rate (up to 2048^2, bf16 and fp32) on {dev} ...")
@@ -505,7 +512,7 @@ def run_model_benchmark(models=DEFAULT_MODELS, tokens=DEFAULT_TOKENS, dtypes=DTY
     def measure(cfg):
         if isolate:
             # warm-up + repeats of both phases, model build and imports: a generous wall-clock limit.
-            return _run_isolated(cfg, timeout_s=4 * budget_s + 180)
+            return _run_isolated(cfg, timeout_s=4 * budget_s + (600 if compile else 180))
         try:
             return measure_config(cfg)
         except RuntimeError as e:  # out of memory and the like: keep the row, go on
@@ -536,7 +543,7 @@ def run_model_benchmark(models=DEFAULT_MODELS, tokens=DEFAULT_TOKENS, dtypes=DTY
                         continue
                 cfg = {"name": name, "overrides": overrides, "tokens": n_tokens, "batch": b, "dtype": dtype,
                        "device": device, "num_classes": num_classes, "warmup": warmup, "repeats": repeats,
-                       "budget_s": budget_s, "threads": threads}
+                       "budget_s": budget_s, "threads": threads, "compile": bool(compile)}
                 result = measure(cfg)
                 if "status" in result:
                     row.update(result)
@@ -888,6 +895,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
     p.add_argument("--matmul-seconds", type=float, default=None,
                    help="seconds per dtype for the matmul-rate loop (default 2; --quick 1)")
+    p.add_argument("--compile", action="store_true",
+                   help="run every model (DiT included) through torch.compile; compiled in the untimed warm-up")
     p.add_argument("--no-isolate", action="store_true",
                    help="measure in this process instead of one subprocess per configuration (peak memory less exact)")
     p.add_argument("--quick", action="store_true",
@@ -918,7 +927,7 @@ def main(argv=None) -> int:
         result = run_model_benchmark(models, tokens, dtypes, batch=batch, device=args.device,
                                      num_classes=args.num_classes, warmup=args.warmup, repeats=repeats,
                                      budget_s=budget, threads=args.threads, isolate=not args.no_isolate,
-                                     rounds=args.rounds,
+                                     rounds=args.rounds, compile=args.compile,
                                      matmul_seconds=args.matmul_seconds or (1.0 if args.quick else 2.0))
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)

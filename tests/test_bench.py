@@ -118,6 +118,27 @@ def test_profile_summary():
     assert "matmul" in summary["categories"]
 
 
+def test_compile_flag_compiles_every_model_in_warmup(monkeypatch):
+    import torch
+
+    compiled = []
+
+    def fake_compile(model, **kw):  # records the call; inductor itself is too slow for the default suite
+        compiled.append(type(model).__name__)
+        return model
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    result = bench.run_model_benchmark(["DiS-T/2"], [16], ["fp32"], batch=2, num_classes=10, warmup=1, repeats=1,
+                                       budget_s=5, isolate=False, matmul_seconds=0.1, compile=True,
+                                       progress=lambda *_: None)
+    assert sorted(compiled) == ["DiS", "DiT"] and result["environment"]["compile"] is True
+    assert all(r["status"] == "ok" for r in result["rows"])
+    with pytest.raises(ValueError, match="warmup"):
+        bench.run_model_benchmark(["DiT-T/2"], [16], ["fp32"], warmup=0, compile=True, isolate=False,
+                                  matmul_seconds=0.1, progress=lambda *_: None)
+    assert bench.build_parser().parse_args(["--compile"]).compile is True
+
+
 def test_profile_takes_constructor_overrides():
     _, summary = bench.profile_training_step("DiS-T/2", tokens=16, dtype="fp32", batch=1, num_classes=0,
                                              row_limit=200, warmup=0, overrides={"mixer": "mamba2"})
