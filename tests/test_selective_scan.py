@@ -407,3 +407,10 @@ def test_cpu_kernels_are_well_formed_custom_ops():
         conv_args = (leaf(b, d, length), leaf(d, 1, 4), leaf(d), leaf(d, 1, 4) if two else None,
                      leaf(d) if two else None, False, True)
         torch.library.opcheck(torch.ops.ssmdiff.conv_silu_fwd.default, conv_args)
+    # Non-contiguous inputs (Mamba-2 hands the conv a transposed view): outputs are still contiguous, and the fake
+    # functions must say so, or compiled code asserts on the strides.
+    x_t = torch.randn(b, length, d).transpose(1, 2).requires_grad_(True)
+    torch.library.opcheck(torch.ops.ssmdiff.conv_silu_fwd.default,
+                          (x_t, leaf(d, 1, 4), leaf(d), leaf(d, 1, 4), None, False, True))
+    u_t = torch.randn(b, length, d).transpose(1, 2).requires_grad_(True)
+    torch.library.opcheck(torch.ops.ssmdiff.selective_scan_fwd.default, (u_t,) + scan_args[1:])

@@ -284,13 +284,15 @@ def _scan_bwd(dout: torch.Tensor, u: torch.Tensor, delta: torch.Tensor, A: torch
             empty() if delta_bias is None else dbias_rows.sum(0).to(delta_bias.dtype))
 
 
+def _contiguous_like(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    """Fake output shaped and typed as ``t`` (empty when absent), contiguous as every real output of these ops is:
+    ``empty_like`` would copy the strides of a non-contiguous input."""
+    return like.new_empty(_EMPTY) if t is None else t.new_empty(t.shape)
+
+
 @_scan_bwd.register_fake
 def _(dout, u, delta, A, B, C, D, z, delta_bias, states, softplus, reverse):
-    def like(t):
-        return u.new_empty(_EMPTY) if t is None else torch.empty_like(t)
-
-    return (torch.empty_like(u), torch.empty_like(delta), torch.empty_like(A), torch.empty_like(B),
-            torch.empty_like(C), like(D), like(z), like(delta_bias))
+    return tuple(_contiguous_like(t, u) for t in (u, delta, A, B, C, D, z, delta_bias))
 
 
 def _scan_setup(ctx, inputs, output):
@@ -403,8 +405,7 @@ def _ssd_bwd(dout: torch.Tensor, xc: torch.Tensor, delta: torch.Tensor, A: torch
 
 @_ssd_bwd.register_fake
 def _(dout, xc, delta, A, D_rows, states, E, groups, head_dim, reverse):
-    return (torch.empty_like(xc), torch.empty_like(delta), torch.empty_like(A),
-            xc.new_empty(_EMPTY) if D_rows is None else torch.empty_like(D_rows))
+    return tuple(_contiguous_like(t, xc) for t in (xc, delta, A, D_rows))
 
 
 def _ssd_setup(ctx, inputs, output):
@@ -511,7 +512,7 @@ def _conv_fwd(x: torch.Tensor, w0: torch.Tensor, b0: Optional[torch.Tensor], w1:
 
 @_conv_fwd.register_fake
 def _(x, w0, b0, w1, b1, rev0, rev1):
-    return torch.empty_like(x), torch.empty_like(x) if w1 is not None else x.new_empty(_EMPTY)
+    return x.new_empty(x.shape), x.new_empty(x.shape if w1 is not None else _EMPTY)
 
 
 @torch.library.custom_op("ssmdiff::conv_silu_bwd", mutates_args=(), device_types="cpu")
@@ -543,10 +544,7 @@ def _conv_bwd(g0: torch.Tensor, g1: torch.Tensor, x: torch.Tensor, w0: torch.Ten
 
 @_conv_bwd.register_fake
 def _(g0, g1, x, w0, b0, w1, b1, rev0, rev1):
-    def like(t):
-        return x.new_empty(_EMPTY) if t is None else torch.empty_like(t)
-
-    return torch.empty_like(x), like(w0), like(b0), like(w1), like(b1)
+    return tuple(_contiguous_like(t, x) for t in (x, w0, b0, w1, b1))
 
 
 def _conv_setup(ctx, inputs, output):
