@@ -92,6 +92,9 @@ _M_MMAP_THRESHOLD = -3
 def parse_model_spec(spec: str) -> tuple[str, dict]:
     """``"DiS-S/2"`` or ``"DiS-S/2:mixer=mamba2,d_state=32"`` -> (name, overrides for ``create_model``).
 
+    One key is a run option rather than a constructor argument: ``compile=true`` runs that configuration through
+    torch.compile (see ``constructor_overrides``).
+
     Values are read as JSON where they parse (numbers, true/false) and kept as strings otherwise.
     """
     if not isinstance(spec, str) or not spec.strip():
@@ -107,6 +110,14 @@ def parse_model_spec(spec: str) -> tuple[str, dict]:
         except json.JSONDecodeError:
             overrides[key] = value
     return name, overrides
+
+
+RUN_OPTIONS = ("compile",)
+
+
+def constructor_overrides(overrides: dict) -> dict:
+    """The overrides that go to ``create_model`` (run options such as ``compile`` removed)."""
+    return {k: v for k, v in overrides.items() if k not in RUN_OPTIONS}
 
 
 def _family(name: str) -> str:
@@ -337,7 +348,7 @@ def measure_config(cfg: dict) -> dict:
     name, tokens, batch = cfg["name"], cfg["tokens"], cfg["batch"]
     size = input_size_for(name, tokens)
     model = create_model(name, input_size=size, in_channels=4, num_classes=cfg["num_classes"],
-                         **cfg.get("overrides", {})).to(device)
+                         **constructor_overrides(cfg.get("overrides", {}))).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0)
     channels = model.in_channels
     x = torch.randn(batch, channels, size, size, device=device)
@@ -351,7 +362,7 @@ def measure_config(cfg: dict) -> dict:
     hooks = [m.register_forward_pre_hook(lambda _m, args: lengths.append(args[0].shape[1]))
              for m in model.modules() if isinstance(m, _mixer_classes())]
 
-    run = torch.compile(model) if cfg.get("compile") else model
+    run = torch.compile(model) if cfg.get("compile") or cfg.get("overrides", {}).get("compile") else model
 
     def train_step():
         opt.zero_grad(set_to_none=True)
@@ -424,7 +435,8 @@ def _flops_and_params(name: str, overrides: dict, size: int, num_classes: int) -
     from .models import count_flops, create_model
 
     with torch.device("meta"):
-        model = create_model(name, input_size=size, in_channels=4, num_classes=num_classes, **overrides)
+        model = create_model(name, input_size=size, in_channels=4, num_classes=num_classes,
+                             **constructor_overrides(overrides))
     counted = count_flops(model)
     return counted["gflops"], counted["params"]
 
@@ -444,7 +456,8 @@ def run_model_benchmark(models=DEFAULT_MODELS, tokens=DEFAULT_TOKENS, dtypes=DTY
     this many times, round-robin (round 2 starts after the last configuration of round 1), so that a burst of load
     on a shared machine hits one measurement of each configuration rather than all of one; a row keeps every timed
     step and reports the fastest (see ``_derive``). compile: every model, DiT included, runs through
-    torch.compile (compiled in the untimed warm-up; needs warmup >= 1). Each row has status "ok", "skipped" or "failed" (with
+    torch.compile (compiled in the untimed warm-up; needs warmup >= 1); a spec's ``compile=true`` does this for
+    that configuration alone. Each row has status "ok", "skipped" or "failed" (with
     "reason"); ratios against the paired DiT are filled in by ``compute_ratios``.
     """
     import torch
@@ -478,7 +491,8 @@ def run_model_benchmark(models=DEFAULT_MODELS, tokens=DEFAULT_TOKENS, dtypes=DTY
         raise ValueError(f"batch must be a positive int, got {batch!r}")
     if budget_s <= 0 or repeats < 1 or warmup < 0 or not isinstance(rounds, int) or rounds < 1:
         raise ValueError("budget_s must be > 0, repeats >= 1, rounds >= 1 and warmup >= 0")
-    if compile and warmup < 1:
+    any_compile = compile or any(o.get("compile") for _, o in specs)
+    if any_compile and warmup < 1:
         raise ValueError("compile needs warmup >= 1: the compilation must not be timed")
     try:
         dev = torch.device(device)
@@ -512,7 +526,7 @@ def run_model_benchmark(models=DEFAULT_MODELS, tokens=DEFAULT_TOKENS, dtypes=DTY
     def measure(cfg):
         if isolate:
             # warm-up + repeats of both phases, model build and imports: a generous wall-clock limit.
-            return _run_isolated(cfg, timeout_s=4 * budget_s + (600 if compile else 180))
+            return _run_isolated(cfg, timeout_s=4 * budget_s + (600 if any_compile else 180))
         try:
             return measure_config(cfg)
         except RuntimeError as e:  # out of memory and the like: keep the row, go on
@@ -632,7 +646,8 @@ def check_bars(rows: list[dict]) -> dict:
 
     speed: at 1024 tokens and above, the fastest configuration of each state-space model (any dtype, mixer or
     other override of the same name) trains and samples at least as fast as its matched DiT pair (``baseline_for``:
-    DiT-S/2 for the S models, DiT-B/2 for DiS-B/2) at its fastest dtype, and at least 2x as fast at 4096. Each bar
+    DiT-S/2 for the S models, DiT-B/2 for DiS-B/2) at its fastest dtype and run option (eager or ``compile``), and
+    at least 2x as fast at 4096. Each bar
     records both configurations and the Gflops ratio SSM / DiT at those tokens, so a reader sees whether the
     state-space model did more or less arithmetic than the DiT it was compared with.
     memory: training extra peak memory of each state-space model grows at most linearly with tokens (allowing 25%
@@ -646,7 +661,8 @@ def check_bars(rows: list[dict]) -> dict:
         for name in sorted({r["name"] for r in ok if r["family"] != "DiT" and r["tokens"] == n}):
             ssm = [r for r in ok if r["name"] == name and r["tokens"] == n]
             pair = ssm[0].get("baseline")
-            dit = [r for r in ok if r["name"] == pair and r["tokens"] == n and not r["overrides"]]
+            dit = [r for r in ok if r["name"] == pair and r["tokens"] == n
+                   and not constructor_overrides(r["overrides"])]
             if not pair or not dit:
                 continue
             for phase in ("train", "sample"):
@@ -677,7 +693,8 @@ def check_bars(rows: list[dict]) -> dict:
                 bars[f"{spec} {dtype} memory linear in tokens"] = {"met": growth <= 1.25, "growth_vs_linear": growth,
                                                                    "basis": basis}
     for r in ok:
-        if r["name"] == "DiS-B/2" and r["tokens"] == 1024 and r["dtype"] == "bf16" and not r["overrides"]:
+        if (r["name"] == "DiS-B/2" and r["tokens"] == 1024 and r["dtype"] == "bf16"
+                and not constructor_overrides(r["overrides"])):
             bars["DiS-B/2 bf16 @1024 train MFU >= 25%"] = {"met": r["train_mfu"] >= 0.25, "mfu": r["train_mfu"]}
     return bars
 
@@ -823,7 +840,9 @@ def profile_training_step(name: str = "DiS-S/2", tokens: int = 1024, dtype: str 
     torch.manual_seed(0)
     size = input_size_for(name, tokens)
     b = batch or default_batch(tokens)
-    model = create_model(name, input_size=size, in_channels=4, num_classes=num_classes, **(overrides or {})).train()
+    model = create_model(name, input_size=size, in_channels=4, num_classes=num_classes,
+                         **constructor_overrides(overrides or {})).train()
+    run = torch.compile(model) if (overrides or {}).get("compile") else model
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0)
     x = torch.randn(b, 4, size, size)
     noise = torch.randn_like(x)
@@ -833,7 +852,7 @@ def profile_training_step(name: str = "DiS-S/2", tokens: int = 1024, dtype: str 
     def step():
         opt.zero_grad(set_to_none=True)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
-            out = model(x, t, y)
+            out = run(x, t, y)
         F.mse_loss(out[:, :4].float(), noise).backward()
         opt.step()
 
@@ -876,7 +895,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Benchmark state-space backbones against DiT of matched size: training and sampling "
                     "images/s, peak memory, Gflops, MFU, ratios SSM/DiT from the same run.")
     p.add_argument("--models", nargs="+", default=None,
-                   help=f"model names or specs with overrides, e.g. DiS-S/2:mixer=mamba2 (default: "
+                   help=f"model names or specs with overrides, e.g. DiS-S/2:mixer=mamba2 or DiT-S/2:compile=true (default: "
                         f"{' '.join(DEFAULT_MODELS)}); each state-space model's DiT pair is added")
     p.add_argument("--tokens", type=int, nargs="+", default=None,
                    help="image tokens per image, perfect squares (default 256 1024 4096)")

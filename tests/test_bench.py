@@ -138,6 +138,19 @@ def test_compile_flag_compiles_every_model_in_warmup(monkeypatch):
                                   matmul_seconds=0.1, progress=lambda *_: None)
     assert bench.build_parser().parse_args(["--compile"]).compile is True
 
+    # compile=true in a spec compiles that configuration only; the bars take the DiT pair's fastest run option
+    compiled.clear()
+    result = bench.run_model_benchmark(["DiS-T/2:compile=true", "DiT-T/2:compile=true"], [1024], ["fp32"], batch=1,
+                                       num_classes=10, warmup=1, repeats=1, budget_s=30, isolate=False,
+                                       matmul_seconds=0.1, progress=lambda *_: None)
+    assert sorted(compiled) == ["DiS", "DiT"] and result["environment"]["compile"] is False
+    rows = {r["model"]: r for r in result["rows"]}
+    assert set(rows) == {"DiT-T/2", "DiT-T/2:compile=True", "DiS-T/2:compile=True"}
+    assert all(r["status"] == "ok" for r in rows.values())
+    fastest_dit = max(("DiT-T/2", "DiT-T/2:compile=True"), key=lambda m: rows[m]["train_ips"])
+    bar = result["bars"]["DiS-T/2 train @1024 >= 1x DiT-T/2"]
+    assert bar["dit"] == f"{fastest_dit} fp32" and bar["ssm"] == "DiS-T/2:compile=True fp32"
+
 
 def test_profile_takes_constructor_overrides():
     _, summary = bench.profile_training_step("DiS-T/2", tokens=16, dtype="fp32", batch=1, num_classes=0,
