@@ -423,3 +423,26 @@ def test_drop_path_override_and_no_weight_decay(name):
     assert exempt <= set(names)
     if name.startswith(("DiS", "DiM")):
         assert "pos_embed" in exempt and any(n.endswith("A_log") for n in exempt)
+
+
+def test_every_family_compiles_as_one_graph_in_a_fresh_process():
+    """torch.compile(fullgraph=True) fails on any graph break. Run in a fresh process so that the CPU kernels are
+    first loaded while Dynamo traces (their build lock is untraceable; availability is a trace-time constant)."""
+    import subprocess
+    import sys
+
+    code = """
+import torch
+from ssmdiff.models import create_model
+for name, kw in [("DiS-T/2", {}), ("DiS-T/2", {"mixer": "mamba2"}), ("DiM-T/2", {}), ("DiffuSSM-T", {}),
+                 ("DiT-T/2", {})]:
+    torch.manual_seed(0)
+    m = create_model(name, input_size=8, in_channels=4, num_classes=10, **kw).eval()
+    x, t, y = torch.randn(2, 4, 8, 8), torch.rand(2) * 999, torch.randint(0, 10, (2,))
+    out = torch.compile(m, backend="aot_eager", fullgraph=True)(x, t, y)
+    torch.testing.assert_close(out, m(x, t, y))
+    print(name, kw, "ok")
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count(" ok") == 5, proc.stdout

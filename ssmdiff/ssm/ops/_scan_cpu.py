@@ -157,8 +157,10 @@ def load_library():
     return _lib
 
 
+@torch.compiler.assume_constant_result
 def available() -> bool:
-    """Whether the compiled CPU kernel can be used (builds it on first call)."""
+    """Whether the compiled CPU kernel can be used (builds it on first call). Under torch.compile the answer is
+    taken once, at trace time, as a constant: Dynamo cannot trace the build lock."""
     return load_library() is not None
 
 
@@ -319,7 +321,7 @@ def selective_scan_cpu(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
     """Compiled CPU scan; returns (out in u.dtype, last state (b, d, n) float32). Requires ``available()``.
 
     ``add`` (u's shape) is added to the output inside the kernel's epilogue, without another pass."""
-    if load_library() is None:
+    if not available():
         raise RuntimeError("the compiled CPU scan is unavailable; use the 'torch' backend")
     # Grad mode is off inside Function.forward, so whether to keep chunk states is decided here.
     keep = torch.is_grad_enabled() and any(t is not None and t.requires_grad
@@ -444,7 +446,7 @@ def ssd_channel_major(xc, delta, A, D_rows, E: int, groups: int, head_dim: int, 
     layout), delta (b, heads, l) after bias and softplus, A (heads,), D_rows (E,) or None -> y (b, E, l) float32
     (plus ``add``, the other direction's output, summed inside the kernel). Requires ``available()`` and a state
     size in ``SSD_STATES``."""
-    if load_library() is None:
+    if not available():
         raise RuntimeError("the compiled CPU scan is unavailable; use ssd_chunked")
     n = (xc.shape[1] - E) // (2 * groups)
     if n not in SSD_STATES or xc.shape[1] != E + 2 * groups * n or E % head_dim or (E // head_dim) % groups:
@@ -568,7 +570,7 @@ _conv_fwd.register_autograd(_conv_backward, setup_context=_conv_setup)
 def conv_silu_cpu(x: torch.Tensor, convs) -> tuple[torch.Tensor, ...]:
     """The compiled conv + SiLU for one or two ``(weight, bias, reverse)`` directions reading x (batch, channels,
     length); one output per direction. Requires ``available()``."""
-    if load_library() is None:
+    if not available():
         raise RuntimeError("the compiled CPU kernels are unavailable")
     (w0, b0, r0), *rest = convs
     w1, b1, r1 = rest[0] if rest else (None, None, False)
