@@ -26,6 +26,8 @@
 #include <cstdint>
 #include <cstring>
 #include <thread>
+#include <type_traits>
+#include <utility>
 #include <vector>
 #if defined(_OPENMP)
 #include <omp.h>
@@ -110,6 +112,12 @@ struct FlushDenormals {
 struct RowInfo {
   int64_t b, d, grp;
 };
+
+// This thread's private dB and dC accumulators, (batch, groups, len, n) each (the caller sums them).
+inline std::pair<float*, float*> thread_dbc(const ScanArgs& a, int64_t tid, int64_t n) {
+  const int64_t size = a.batch * a.groups * a.len * n;
+  return {a.dB_threads + tid * size, a.dC_threads + tid * size};
+}
 
 inline RowInfo row_info(const ScanArgs& a, int64_t row) {
   RowInfo r;
@@ -205,9 +213,7 @@ void backward_rows(const ScanArgs& a, int64_t row0, int64_t row1, int64_t tid) {
   float *dt = dtbuf.data(), *pre = a.softplus ? prebuf.data() : nullptr, *g = gbuf.data(), *ddt = ddtbuf.data();
   std::vector<float> hs((K + 1) * n), as(K * n), dhbuf(n), dAbuf(n);
   float *dh = dhbuf.data(), *dAacc = dAbuf.data();
-  const int64_t bc_size = a.batch * a.groups * L * n;
-  float* dBthr = a.dB_threads + tid * bc_size;
-  float* dCthr = a.dC_threads + tid * bc_size;
+  const auto [dBthr, dCthr] = thread_dbc(a, tid, n);
   for (int64_t row = row0; row < row1; ++row) {
     const RowInfo ri = row_info(a, row);
     const float* urow = a.u + row * L;
@@ -496,9 +502,7 @@ void backward_rows_vec(const ScanArgs& a, int64_t row0, int64_t row1, int64_t ti
   std::vector<vf> dxbuf(K), dsbuf(K), ybuf(a.z ? K : 0);
   std::vector<float> dxs(L), dss(L), ys(a.z ? L : 0), xbuf(L);
   float* xs = xbuf.data();
-  const int64_t bc_size = a.batch * a.groups * L * NS;
-  float* dBthr = a.dB_threads + tid * bc_size;
-  float* dCthr = a.dC_threads + tid * bc_size;
+  const auto [dBthr, dCthr] = thread_dbc(a, tid, NS);
   const int64_t step = a.reverse ? -1 : 1;
   for (int64_t row = row0; row < row1; ++row) {
     const RowInfo ri = row_info(a, row);
@@ -746,9 +750,7 @@ void backward_sd(const ScanArgs& a, int64_t unit0, int64_t unit1, int64_t tid) {
   std::vector<float> ebuf(L), ddt(L), dhbuf(P * NS), dDacc(P), hs((K + 1) * NS), dxs(L), dss(L);
   std::vector<vf> dxbuf(K), dsbuf(K);
   float *ea = ebuf.data(), *DH = dhbuf.data();
-  const int64_t bc_size = a.batch * a.groups * L * NS;
-  float* dBthr = a.dB_threads + tid * bc_size;
-  float* dCthr = a.dC_threads + tid * bc_size;
+  const auto [dBthr, dCthr] = thread_dbc(a, tid, NS);
   for (int64_t unit = unit0; unit < unit1; ++unit) {
     const HeadInfo hi = head_info(a, unit);
     const float* dt = a.delta + (hi.b * heads + hi.head) * L;
@@ -930,6 +932,20 @@ void parallel_conv_rows(const ConvSiluArgs& a, F&& fn) {
   parallel_rows(s, [&](int64_t r0, int64_t r1, int64_t) { fn(a, r0, r1); });
 }
 
+// Compile-time state sizes let the compiler unroll the state loop into whole vectors; others take the generic
+// loop. Scalar-decay mode exists for the vector sizes only (the caller checked the state size).
+template <typename F>
+void with_state_size(int64_t n, F&& f) {
+  switch (n) {
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    case 8: f(std::integral_constant<int, 8>{}); break;
+    case 16: f(std::integral_constant<int, 16>{}); break;
+    case 32: f(std::integral_constant<int, 32>{}); break;
+    case 64: f(std::integral_constant<int, 64>{}); break;
+    default: f(std::integral_constant<int, 0>{}); break;
+  }
+}
+
 }  // namespace
 
 extern "C" {
@@ -940,44 +956,23 @@ void ssmdiff_conv_silu_forward(const ConvSiluArgs* a) { parallel_conv_rows(*a, c
 
 void ssmdiff_conv_silu_backward(const ConvSiluArgs* a) { parallel_conv_rows(*a, conv_silu_backward_rows); }
 
-// Compile-time state sizes let the compiler unroll the state loop into whole vectors; others take the generic loop.
 void ssmdiff_scan_forward(const ScanArgs* a) {
-  if (a->head_dim > 0) {  // the caller checked the state size
-    switch (a->dstate) {
-      case 8: sd_forward_impl<8>(*a); break;
-      case 16: sd_forward_impl<16>(*a); break;
-      case 32: sd_forward_impl<32>(*a); break;
-      case 64: sd_forward_impl<64>(*a); break;
+  with_state_size(a->dstate, [&](auto ns) {
+    constexpr int NS = decltype(ns)::value;
+    if constexpr (NS > 0 && NS % VW == 0) {
+      if (a->head_dim > 0) return sd_forward_impl<NS>(*a);
     }
-    return;
-  }
-  switch (a->dstate) {
-    case 4: forward_impl<4>(*a); break;
-    case 8: forward_impl<8>(*a); break;
-    case 16: forward_impl<16>(*a); break;
-    case 32: forward_impl<32>(*a); break;
-    case 64: forward_impl<64>(*a); break;
-    default: forward_impl<0>(*a); break;
-  }
+    forward_impl<NS>(*a);
+  });
 }
 
 void ssmdiff_scan_backward(const ScanArgs* a) {
-  if (a->head_dim > 0) {
-    switch (a->dstate) {
-      case 8: sd_backward_impl<8>(*a); break;
-      case 16: sd_backward_impl<16>(*a); break;
-      case 32: sd_backward_impl<32>(*a); break;
-      case 64: sd_backward_impl<64>(*a); break;
+  with_state_size(a->dstate, [&](auto ns) {
+    constexpr int NS = decltype(ns)::value;
+    if constexpr (NS > 0 && NS % VW == 0) {
+      if (a->head_dim > 0) return sd_backward_impl<NS>(*a);
     }
-    return;
-  }
-  switch (a->dstate) {
-    case 4: backward_impl<4>(*a); break;
-    case 8: backward_impl<8>(*a); break;
-    case 16: backward_impl<16>(*a); break;
-    case 32: backward_impl<32>(*a); break;
-    case 64: backward_impl<64>(*a); break;
-    default: backward_impl<0>(*a); break;
-  }
+    backward_impl<NS>(*a);
+  });
 }
 }
