@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..ops.products import Linear
-from ..ops.ssd import ssd, use_compiled_cpu
+from ..ops.ssd import _prepare_dt, ssd, use_compiled_cpu
 from .conv import conv_silu, depthwise_conv1d
 from .mamba import _check_positive, inverse_softplus_dt
 
@@ -124,7 +124,7 @@ class Mamba2(nn.Module):
         outs = conv_silu(xBC.transpose(1, 2), [(conv.weight, conv.bias, rev) for conv, _, _, _, rev in dirs])
         y = None
         for xc, (_, dt_bias, A_log, D, rev) in zip(outs, dirs):
-            delta = F.softplus(dt.float() + dt_bias.float()).transpose(1, 2)
+            delta = _prepare_dt(dt, dt_bias, True).transpose(1, 2)
             y = ssd_channel_major(xc, delta, -torch.exp(A_log.float()), D.float().repeat_interleave(self.headdim),
                                   self.d_inner, self.ngroups, self.headdim, reverse=rev, add=y)
         return y.transpose(1, 2)

@@ -48,7 +48,8 @@ _load_error: str | None = None
 class _ScanArgs(ctypes.Structure):
     _fields_ = (
         [(name, ctypes.c_int64) for name in
-         ("batch", "dim", "len", "dstate", "groups", "chunk", "softplus", "reverse", "nthreads", "head_dim", "u_bstride")]
+         ("batch", "dim", "len", "dstate", "groups", "chunk", "softplus", "reverse", "nthreads", "head_dim",
+          "u_bstride")]
         + [(name, ctypes.c_void_p) for name in
            ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "add", "out", "last_state", "chunk_states", "dout",
             "du", "ddelta", "dz", "dA_rows", "dD_rows", "dbias_rows", "dB_threads", "dC_threads")]
@@ -212,6 +213,19 @@ def _forward(u, delta, A, Bt, Ct, D, z, delta_bias, softplus, reverse, keep_stat
     return out, last, states
 
 
+def _thread_accumulators(a: _ScanArgs) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zeroed dB and dC accumulators, one (batch, groups, len, state) slab per kernel thread (channels of a group
+    write the same entries), handed to the kernel through ``a``; ``_thread_sum`` reduces them."""
+    shape = (a.nthreads, a.batch, a.groups, a.len, a.dstate)
+    dB, dC = torch.zeros(shape, dtype=torch.float32), torch.zeros(shape, dtype=torch.float32)
+    a.dB_threads, a.dC_threads = _ptr(dB), _ptr(dC)
+    return dB, dC
+
+
+def _thread_sum(buf: torch.Tensor) -> torch.Tensor:
+    return buf.sum(0) if buf.shape[0] > 1 else buf[0]
+
+
 def _inputs_f32(u, delta, A, B, C, D, z, delta_bias):
     return (_f32(u), _f32(delta), _f32(A), _state_last(B), _state_last(C), _f32(D), _f32(z), _f32(delta_bias))
 
@@ -255,7 +269,6 @@ def _scan_bwd(dout: torch.Tensor, u: torch.Tensor, delta: torch.Tensor, A: torch
     f = _inputs_f32(u, delta, A, B, C, D, z, delta_bias)
     b, d, length = u.shape
     n = A.shape[1]
-    g = f[3].shape[1]
     dout = _f32(dout)
     du, ddelta = torch.empty_like(f[0]), torch.empty_like(f[0])
     dz = torch.empty_like(f[0]) if z is not None else None
@@ -263,18 +276,14 @@ def _scan_bwd(dout: torch.Tensor, u: torch.Tensor, delta: torch.Tensor, A: torch
     dD_rows = torch.empty((b, d), dtype=torch.float32)
     dbias_rows = torch.empty((b, d), dtype=torch.float32)
     a = _args(*f, softplus, reverse)
-    # One dB/dC accumulator per thread: channels of a group write the same (b, g, l, n) entries.
-    dB_thr = torch.zeros((a.nthreads, b, g, length, n), dtype=torch.float32)
-    dC_thr = torch.zeros((a.nthreads, b, g, length, n), dtype=torch.float32)
+    dB_thr, dC_thr = _thread_accumulators(a)
     a.chunk_states, a.dout = _ptr(states), _ptr(dout)
     a.du, a.ddelta, a.dz = _ptr(du), _ptr(ddelta), _ptr(dz)
     a.dA_rows, a.dD_rows, a.dbias_rows = _ptr(dA_rows), _ptr(dD_rows), _ptr(dbias_rows)
-    a.dB_threads, a.dC_threads = _ptr(dB_thr), _ptr(dC_thr)
     _lib.ssmdiff_scan_backward(ctypes.byref(a))
 
     def bc_grad(buf, X):
-        grad = buf.sum(0) if buf.shape[0] > 1 else buf[0]
-        grad = grad.transpose(-1, -2)  # (b, g, n, l)
+        grad = _thread_sum(buf).transpose(-1, -2)  # (b, g, n, l)
         return (grad.squeeze(1) if X.dim() == 3 else grad).to(X.dtype).contiguous()
 
     def empty():  # one per absent input: outputs of a custom op may not alias each other
@@ -355,13 +364,10 @@ def _ssd_fwd(xc: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, D_rows: Opt
     belongs to head e // head_dim; the head's decay exp(delta * A) is computed once per step, not once per state
     entry, and the kernel walks time chunk by chunk across a head's rows (see the C++ file). x is read in place.
     """
-    xcf = _f32(xc)
-    Bt, Ct = _ssd_bc(xcf, E, groups)
-    f = (xcf, _f32(delta), _f32(A), Bt, Ct, _f32(D_rows))
-    a = _ssd_args(f, E, head_dim, reverse)
+    a, _alive = _ssd_args(xc, delta, A, D_rows, E, groups, head_dim, reverse)
     b, _, length = xc.shape
     out = torch.empty((b, E, length), dtype=torch.float32)
-    states = torch.empty((b, E, -(-length // CHUNK), Bt.shape[-1]) if keep else _EMPTY, dtype=torch.float32)
+    states = torch.empty((b, E, -(-length // CHUNK), a.dstate) if keep else _EMPTY, dtype=torch.float32)
     add = _f32(add)
     a.add, a.out, a.chunk_states = _ptr(add), _ptr(out), _ptr(states) if keep else None
     _lib.ssmdiff_scan_forward(ctypes.byref(a))
@@ -382,25 +388,20 @@ def _ssd_bwd(dout: torch.Tensor, xc: torch.Tensor, delta: torch.Tensor, A: torch
              reverse: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dxc, ddelta, dA, dD_rows or empty): x's gradient written in place into dxc, then B's and C's."""
     b, width, length = xc.shape
-    xcf = _f32(xc)
-    Bt, Ct = _ssd_bc(xcf, E, groups)
-    n = Bt.shape[-1]
-    f = (xcf, _f32(delta), _f32(A), Bt, Ct, _f32(D_rows))
-    a = _ssd_args(f, E, head_dim, reverse)
+    a, f = _ssd_args(xc, delta, A, D_rows, E, groups, head_dim, reverse)
+    n = a.dstate
     dout = _f32(dout)
     dxc = torch.empty((b, width, length), dtype=torch.float32)
     ddelta = torch.empty_like(f[1])
     dA_heads = torch.empty((b, A.shape[0]), dtype=torch.float32)
     dD_rows = torch.empty((b, E), dtype=torch.float32)
-    dB_thr = torch.zeros((a.nthreads, b, groups, length, n), dtype=torch.float32)
-    dC_thr = torch.zeros((a.nthreads, b, groups, length, n), dtype=torch.float32)
+    dB_thr, dC_thr = _thread_accumulators(a)
     a.chunk_states, a.dout, a.du, a.ddelta = _ptr(states), _ptr(dout), _ptr(dxc), _ptr(ddelta)
     a.dA_rows, a.dD_rows = _ptr(dA_heads), _ptr(dD_rows)
-    a.dB_threads, a.dC_threads = _ptr(dB_thr), _ptr(dC_thr)
     _lib.ssmdiff_scan_backward(ctypes.byref(a))
     for k, buf in enumerate((dB_thr, dC_thr)):
-        grad = buf.sum(0) if a.nthreads > 1 else buf[0]
-        dxc[:, E + k * groups * n:E + (k + 1) * groups * n].view(b, groups, n, length).copy_(grad.transpose(-1, -2))
+        dxc[:, E + k * groups * n:E + (k + 1) * groups * n].view(b, groups, n, length).copy_(
+            _thread_sum(buf).transpose(-1, -2))
     return (dxc.to(xc.dtype), ddelta.to(delta.dtype), dA_heads.sum(0).to(A.dtype),
             xc.new_empty(_EMPTY) if D_rows is None else dD_rows.sum(0).to(D_rows.dtype))
 
@@ -429,16 +430,20 @@ def _ssd_backward(ctx, dout, _dstates):
 _ssd_fwd.register_autograd(_ssd_backward, setup_context=_ssd_setup)
 
 
-def _ssd_args(f, E, head_dim, reverse) -> _ScanArgs:
-    xcf, delta, A, Bt, Ct, D = f
+def _ssd_args(xc, delta, A, D_rows, E, groups, head_dim, reverse) -> tuple[_ScanArgs, tuple]:
+    """The kernel's arguments in scalar-decay mode, and the float32 tensors they point into (keep them alive
+    for the call): x read in place from xc, B and C copied state-last."""
+    xcf = _f32(xc)
+    Bt, Ct = _ssd_bc(xcf, E, groups)
+    f = (xcf, _f32(delta), _f32(A), Bt, Ct, _f32(D_rows))
     b, width, length = xcf.shape
     n = Bt.shape[-1]
     a = _ScanArgs()
     a.batch, a.dim, a.len, a.dstate, a.groups, a.chunk = b, E, length, n, Bt.shape[1], CHUNK
     a.softplus, a.reverse, a.head_dim, a.u_bstride = 0, int(reverse), head_dim, width * length
     a.nthreads = _threads(b * E // head_dim, b * E * length * n)
-    a.u, a.delta, a.A, a.B, a.C, a.D = _ptr(xcf), _ptr(delta), _ptr(A), _ptr(Bt), _ptr(Ct), _ptr(D)
-    return a
+    a.u, a.delta, a.A, a.B, a.C, a.D = (_ptr(t) for t in f)
+    return a, f
 
 
 def ssd_channel_major(xc, delta, A, D_rows, E: int, groups: int, head_dim: int, reverse: bool = False, add=None):
@@ -463,13 +468,11 @@ def ssd_scan_cpu(x, dt, A, B, C, D=None, dt_bias=None, dt_softplus=False, revers
     (length x chunk) is formed, and memory is the inputs plus the state every ``CHUNK`` steps. Needs ``available()``
     and a state size in ``SSD_STATES``. (Mamba-2's CPU path calls ``ssd_channel_major`` on its conv output directly.)
     """
+    from .ssd import _prepare_dt
+
     b, l, h, p = x.shape
     g = B.shape[2]
-    delta = dt.float()
-    if dt_bias is not None:
-        delta = delta + dt_bias.float()
-    if dt_softplus:
-        delta = torch.nn.functional.softplus(delta)
+    delta = _prepare_dt(dt, dt_bias, dt_softplus)
     xc = torch.cat([x.float().permute(0, 2, 3, 1).reshape(b, h * p, l),
                     B.float().permute(0, 2, 3, 1).reshape(b, -1, l), C.float().permute(0, 2, 3, 1).reshape(b, -1, l)],
                    dim=1)
