@@ -13,9 +13,10 @@
 // decay per step, exp(delta_t * A_head), so no exp is taken per state entry. Then
 //   A, dA_heads : (heads)     delta, ddelta : (batch, heads, len), used as given (no bias or softplus)
 // with heads = dim / head_dim; dD_rows is still per row. u and du may be the first `dim` channels of a wider
-// channel-major tensor: batch b's rows start at b * u_bstride (0: dim * len). Work is split over (batch, head) and walks time chunk by
-// chunk across all rows of the head, so one chunk of B and C (and of dB, dC) stays in L1/L2 while every row uses
-// it: with state 64, a whole row's B and C (512 bytes a step) would stream from L3 on every row.
+// channel-major tensor: batch b's rows start at b * u_bstride (0: dim * len). Work is split over (batch, head)
+// and walks time chunk by chunk across all rows of the head, so one chunk of B and C (and of dB, dC) stays in
+// L1/L2 while every row uses it: with state 64, a whole row's B and C (512 bytes a step) would stream from L3 on
+// every row.
 //
 // Work is split over rows (batch x channel); each row is an independent recurrence over time. The state (n floats)
 // lives in registers; the backward recomputes each chunk of `chunk` steps from its saved starting state into a small
@@ -733,9 +734,7 @@ void forward_sd(const ScanArgs& a, int64_t unit0, int64_t unit1) {
     for (int64_t i = 0; i < P; ++i) {
       const int64_t row = hi.row0 + i;
       if (a.last_state) std::memcpy(a.last_state + row * NS, H + i * NS, NS * sizeof(float));
-      RowInfo ri;
-      ri.b = hi.b, ri.d = row % a.dim, ri.grp = hi.grp;
-      skip_and_gate(a, ri, row, a.u + u_offset(a, hi, i), a.out + row * L);
+      skip_and_gate(a, row_info(a, row), row, a.u + u_offset(a, hi, i), a.out + row * L);
     }
   }
 }
