@@ -115,6 +115,11 @@ def parse_model_spec(spec: str) -> tuple[str, dict]:
 RUN_OPTIONS = ("compile",)
 
 
+def format_model_spec(name: str, overrides: dict) -> str:
+    """The inverse of ``parse_model_spec``: ``"DiS-S/2:mixer=mamba2,compile=True"``, or the bare name."""
+    return name + (":" + ",".join(f"{k}={v}" for k, v in overrides.items()) if overrides else "")
+
+
 def constructor_overrides(overrides: dict) -> dict:
     """The overrides that go to ``create_model`` (run options such as ``compile`` removed)."""
     return {k: v for k, v in overrides.items() if k not in RUN_OPTIONS}
@@ -332,8 +337,8 @@ def measure_config(cfg: dict) -> dict:
     """Train and sample one configuration in this process; returns the measured fields of its row.
 
     cfg: {"name", "overrides", "tokens", "batch", "dtype", "device", "num_classes", "warmup", "repeats",
-    "budget_s", "threads", "pin_malloc", "floor_kb", "compile"}. With "compile" both phases run the model through
-    torch.compile (the compilation happens in the untimed warm-up steps).
+    "budget_s", "threads", "pin_malloc", "floor_kb", "compile"}. With "compile" (the run's flag or the spec's
+    ``compile=true``) both phases run the model through torch.compile (compiled in the untimed warm-up steps).
     """
     import torch
     import torch.nn.functional as F
@@ -368,7 +373,7 @@ def measure_config(cfg: dict) -> dict:
     for h in hooks:
         h.remove()
 
-    run = torch.compile(model) if cfg.get("compile") or cfg.get("overrides", {}).get("compile") else model
+    run = torch.compile(model) if cfg.get("compile") else model
 
     def train_step():
         opt.zero_grad(set_to_none=True)
@@ -459,10 +464,10 @@ def run_model_benchmark(models=DEFAULT_MODELS, tokens=DEFAULT_TOKENS, dtypes=DTY
     process freed earlier). budget_s: seconds of timed repeats per phase. rounds: measure every configuration
     this many times, round-robin (round 2 starts after the last configuration of round 1), so that a burst of load
     on a shared machine hits one measurement of each configuration rather than all of one; a row keeps every timed
-    step and reports the fastest (see ``_derive``). compile: every model, DiT included, runs through
-    torch.compile (compiled in the untimed warm-up; needs warmup >= 1); a spec's ``compile=true`` does this for
-    that configuration alone. Each row has status "ok", "skipped" or "failed" (with
-    "reason"); ratios against the paired DiT are filled in by ``compute_ratios``.
+    step and reports the fastest (see ``_derive``). compile: every model, DiT included, runs through torch.compile
+    (compiled in the untimed warm-up; needs warmup >= 1); a spec's ``compile=true`` does this for that configuration
+    alone. Each row has status "ok", "skipped" or "failed" (with "reason"); ratios against the paired DiT are filled
+    in by ``compute_ratios``.
     """
     import torch
 
@@ -541,7 +546,7 @@ def run_model_benchmark(models=DEFAULT_MODELS, tokens=DEFAULT_TOKENS, dtypes=DTY
     last_cost: dict = {}  # (spec, dtype) -> (seconds per train step, Gflops x batch) for the time estimate
     for n_tokens in tokens:
         for name, overrides in specs:
-            spec = name + (":" + ",".join(f"{k}={v}" for k, v in overrides.items()) if overrides else "")
+            spec = format_model_spec(name, overrides)
             size = input_size_for(name, n_tokens)
             gflops, params = _flops_and_params(name, overrides, size, num_classes)
             b = batch or default_batch(n_tokens)
@@ -561,7 +566,8 @@ def run_model_benchmark(models=DEFAULT_MODELS, tokens=DEFAULT_TOKENS, dtypes=DTY
                         continue
                 cfg = {"name": name, "overrides": overrides, "tokens": n_tokens, "batch": b, "dtype": dtype,
                        "device": device, "num_classes": num_classes, "warmup": warmup, "repeats": repeats,
-                       "budget_s": budget_s, "threads": threads, "compile": bool(compile)}
+                       "budget_s": budget_s, "threads": threads,
+                       "compile": bool(compile or overrides.get("compile"))}
                 result = measure(cfg)
                 if "status" in result:
                     row.update(result)
@@ -648,12 +654,11 @@ def compute_ratios(rows: list[dict]) -> list[dict]:
 def check_bars(rows: list[dict]) -> dict:
     """Issue 6's CPU bars, judged from these rows only (a bar whose rows are missing is absent, not failed).
 
-    speed: at 1024 tokens and above, the fastest configuration of each state-space model (any dtype, mixer or
-    other override of the same name) trains and samples at least as fast as its matched DiT pair (``baseline_for``:
-    DiT-S/2 for the S models, DiT-B/2 for DiS-B/2) at its fastest dtype and run option (eager or ``compile``), and
-    at least 2x as fast at 4096. Each bar
-    records both configurations and the Gflops ratio SSM / DiT at those tokens, so a reader sees whether the
-    state-space model did more or less arithmetic than the DiT it was compared with.
+    speed: at 1024 tokens and above, the fastest configuration of each state-space model (any dtype, mixer or other
+    override of the same name) trains and samples at least as fast as its matched DiT pair (``baseline_for``: DiT-S/2
+    for the S models, DiT-B/2 for DiS-B/2) at its fastest dtype and run option (eager or ``compile``), and at least 2x
+    as fast at 4096. Each bar records both configurations and the Gflops ratio SSM / DiT at those tokens, so a reader
+    sees whether the state-space model did more or less arithmetic than the DiT it was compared with.
     memory: training extra peak memory of each state-space model grows at most linearly with tokens (allowing 25%
     for allocator slack), judged at one batch size when rows of one batch exist at two or more token counts, else
     per image (extra_mb / batch; "basis" says which). mfu: DiS-B/2 bf16 at 1024 tokens trains at >= 25% MFU.
@@ -873,7 +878,8 @@ def profile_training_step(name: str = "DiS-S/2", tokens: int = 1024, dtype: str 
     for e in events:
         cats[_category(e.key)] = cats.get(_category(e.key), 0.0) + e.self_cpu_time_total / 1e6
     total = sum(cats.values())
-    summary = {"model": name + "".join(f":{k}={v}" for k, v in (overrides or {}).items()), "tokens": tokens, "batch": b, "dtype": dtype, "step_s": step_s,
+    summary = {"model": format_model_spec(name, overrides or {}), "tokens": tokens, "batch": b, "dtype": dtype,
+               "step_s": step_s,
                "self_cpu_s_total": total,
                "categories": dict(sorted(cats.items(), key=lambda kv: -kv[1])),
                "top": [(e.key, e.self_cpu_time_total / 1e6, e.count) for e in events[:row_limit]]}
@@ -899,8 +905,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Benchmark state-space backbones against DiT of matched size: training and sampling "
                     "images/s, peak memory, Gflops, MFU, ratios SSM/DiT from the same run.")
     p.add_argument("--models", nargs="+", default=None,
-                   help=f"model names or specs with overrides, e.g. DiS-S/2:mixer=mamba2 or DiT-S/2:compile=true (default: "
-                        f"{' '.join(DEFAULT_MODELS)}); each state-space model's DiT pair is added")
+                   help=f"model names or specs with overrides, e.g. DiS-S/2:mixer=mamba2 or DiT-S/2:compile=true "
+                        f"(default: {' '.join(DEFAULT_MODELS)}); each state-space model's DiT pair is added")
     p.add_argument("--tokens", type=int, nargs="+", default=None,
                    help="image tokens per image, perfect squares (default 256 1024 4096)")
     p.add_argument("--dtype", nargs="+", choices=DTYPES, default=None, help="fp32 and/or bf16 autocast (both)")

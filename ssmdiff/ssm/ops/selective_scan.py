@@ -109,10 +109,11 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
 
     with delta = softplus(delta + delta_bias) when ``delta_softplus``. u, delta, z: (batch, channels, length);
     A: (channels, state); B, C: (batch, state, length) or grouped (batch, groups, state, length); D, delta_bias:
-    (channels,). ``reverse=True`` scans from the last position to the first (no flipped copies; the last state is
-    then the state after position 0). ``add`` (u's shape) is added to the output: a bidirectional block passes one
+    (channels,). ``reverse=True`` scans from the last position to the first (no flipped copies; the last state is then
+    the state after position 0). ``add`` (u's shape) is added to the output: a bidirectional block passes one
     direction's output to the other's scan, which the CPU kernel sums in its epilogue instead of another pass. The
-    state accumulates in float32; the output has u's dtype and gradients the dtypes of their inputs. Returns ``out`` or ``(out, last_state)`` with last_state (batch, channels, state) float32.
+    state accumulates in float32; the output has u's dtype and gradients the dtypes of their inputs. Returns ``out``
+    or ``(out, last_state)`` with last_state (batch, channels, state) float32.
     ``backend`` forces an implementation ("cpu", "cuda", "torch", "ref"; default "auto", see the module docstring).
     On meta tensors nothing is computed: empty outputs of the right shapes come back. Every call records
     9 * batch * length * channels * state flops under "selective_scan" for ``count_extra_flops``.
