@@ -202,3 +202,24 @@ def test_cuda_dispatch_matches_reference(reverse):
     y = ssd(x, dt, A, B, C, chunk_size=64, D=D, dt_bias=dt_bias, dt_softplus=True, reverse=reverse)
     yr = ssd_ref(x, dt, A, B, C, D=D, dt_bias=dt_bias, dt_softplus=True, reverse=reverse)
     torch.testing.assert_close(y, yr, rtol=1e-3, atol=2e-3)
+
+
+@needs_kernel
+def test_ssd_benchmark_runs_on_tiny_shapes(capsys):
+    """benchmarks/ssd.py: both implementations timed, ratios against the chunked form; bad sizes rejected."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "ssd.py"
+    spec = importlib.util.spec_from_file_location("bench_ssd", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["--batch", "1", "--length", "20", "--heads", "2", "--headdim", "4", "--state", "8",
+                     "--repeats", "1"]) == 0
+    rows = capsys.readouterr().out.strip().splitlines()[2:]
+    assert [r.split()[0] for r in rows] == ["chunked", "compiled"]
+    for row in rows:
+        assert all(float(v) > 0 for v in row.split()[1:])
+    assert rows[0].split()[-2:] == ["1.00", "1.00"]
+    with pytest.raises(SystemExit):
+        mod.main(["--heads", "3", "--groups", "2"])
