@@ -466,23 +466,36 @@ void forward_rows_vec(const ScanArgs& a, int64_t row0, int64_t row1) {
     vf Av[NV], h[NV];
     for (int j = 0; j < NV; ++j) Av[j] = load(a.A + ri.d * NS + j * VW) * kLog2e, h[j] = vf{};
     const int64_t step = a.reverse ? -1 : 1;
-    int64_t t = a.reverse ? L - 1 : 0;
     vf ybuf[VW];
-    for (int64_t s = 0; s < L; ++s, t += step) {
-      if (cs && s % K == 0)
-        for (int j = 0; j < NV; ++j) store(cs + (s / K) * NS + j * VW, h[j]);
-      const vf dtv = splat(dt[t]), xv = splat(xs[t]);
-      const float* Bt = Bg + t * NS;
-      const float* Ct = Cg + t * NS;
-      vf acc{};
-      for (int j = 0; j < NV; ++j) {
-        h[j] = vexp2(dtv * Av[j]) * h[j] + xv * load(Bt + j * VW);
-        acc += h[j] * load(Ct + j * VW);
+    // Steps go in blocks of VW: first every decay and input of the block (independent of the state, so the exps'
+    // long dependency chains overlap), then the recurrence itself, whose only chain is one FMA per step.
+    vf eb[VW][NV], xb[VW][NV];
+    int64_t next_cs = 0;
+    for (int64_t s0 = 0; s0 < L; s0 += VW) {
+      const int64_t cnt = std::min<int64_t>(VW, L - s0);
+      const int64_t t0 = a.reverse ? L - 1 - s0 : s0;
+      for (int64_t k = 0; k < cnt; ++k) {
+        const int64_t t = t0 + k * step;
+        const vf dtv = splat(dt[t]), xv = splat(xs[t]);
+        const float* Bt = Bg + t * NS;
+        for (int j = 0; j < NV; ++j) eb[k][j] = vexp2(dtv * Av[j]), xb[k][j] = xv * load(Bt + j * VW);
       }
-      ybuf[s % VW] = acc;
-      if (s % VW == VW - 1) reduce_steps(ybuf, VW, s - (VW - 1), L, a.reverse, orow);
+      for (int64_t k = 0; k < cnt; ++k) {
+        const int64_t s = s0 + k, t = t0 + k * step;
+        if (cs && s == next_cs) {
+          for (int j = 0; j < NV; ++j) store(cs + (s / K) * NS + j * VW, h[j]);
+          next_cs += K;
+        }
+        const float* Ct = Cg + t * NS;
+        vf acc{};
+        for (int j = 0; j < NV; ++j) {
+          h[j] = eb[k][j] * h[j] + xb[k][j];
+          acc += h[j] * load(Ct + j * VW);
+        }
+        ybuf[k] = acc;
+      }
+      reduce_steps(ybuf, cnt, s0, L, a.reverse, orow);
     }
-    reduce_steps(ybuf, L % VW, L - L % VW, L, a.reverse, orow);
     if (a.last_state)
       for (int j = 0; j < NV; ++j) store(a.last_state + row * NS + j * VW, h[j]);
     skip_and_gate_vec(a, ri, row, urow, orow);
