@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..ops._scan_cpu import channel_major, token_major
 from ..ops.products import Linear
 from ..ops.ssd import _prepare_dt, ssd, use_compiled_cpu
 from .conv import conv_silu, depthwise_conv1d
@@ -115,19 +116,21 @@ class Mamba2(nn.Module):
     def _directions_cpu(self, xBC, dt):
         """Both directions on the compiled CPU kernels, channel-major from the conv to the scan: one fused
         conv + SiLU pass for the directions, the recurrence reading x, B and C in place from its output, and the
-        second direction's scan adding the first's output. Returns y (b, l, d_inner), a transposed view."""
+        second direction's scan adding the first's output. Returns y (b, l, d_inner), contiguous."""
         from ..ops._scan_cpu import ssd_channel_major
 
         dirs = [(self.conv1d, self.dt_bias, self.A_log, self.D, self.reverse)]
         if self.bidirectional:
             dirs.append((self.conv1d_b, self.dt_bias_b, self.A_b_log, self.D_b, True))
-        outs = conv_silu(xBC.transpose(1, 2), [(conv.weight, conv.bias, rev) for conv, _, _, _, rev in dirs])
+        # xBC is a column slice of in_proj's token-major output: the compiled transpose brings it channel-major.
+        (xBC_cm,) = channel_major(xBC, [self.conv_dim])
+        outs = conv_silu(xBC_cm, [(conv.weight, conv.bias, rev) for conv, _, _, _, rev in dirs])
         y = None
         for xc, (_, dt_bias, A_log, D, rev) in zip(outs, dirs):
             delta = _prepare_dt(dt, dt_bias, True).transpose(1, 2)
             y = ssd_channel_major(xc, delta, -torch.exp(A_log.float()), D.float().repeat_interleave(self.headdim),
                                   self.d_inner, self.ngroups, self.headdim, reverse=rev, add=y)
-        return y.transpose(1, 2)
+        return token_major([y])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 3 or x.shape[-1] != self.d_model:

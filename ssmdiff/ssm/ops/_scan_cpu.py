@@ -31,7 +31,7 @@ import torch
 
 CHUNK = 64
 _SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "selective_scan_cpu.cpp"
-_ABI_VERSION = 4
+_ABI_VERSION = 5
 # -ffast-math only when compiling: linking with it would add crtfastmath.o, which flips the whole process into
 # flush-to-zero mode on load (the kernel flushes denormals only inside its own threads).
 _COMPILE_FLAGS = ["-O3", "-march=native", "-ffast-math", "-fPIC", "-std=c++17"]
@@ -62,6 +62,14 @@ class _ConvSiluArgs(ctypes.Structure):
         + [("reverse", ctypes.c_int64 * 2), ("x", ctypes.c_void_p), ("w", ctypes.c_void_p * 2),
            ("bias", ctypes.c_void_p * 2), ("out", ctypes.c_void_p * 2), ("gout", ctypes.c_void_p * 2),
            ("dx", ctypes.c_void_p), ("dw_rows", ctypes.c_void_p * 2), ("db_rows", ctypes.c_void_p * 2)]
+    )
+
+
+class _TransposeArgs(ctypes.Structure):
+    _fields_ = (
+        [(name, ctypes.c_int64) for name in
+         ("batch", "rows", "cols", "src_bstride", "src_rstride", "dst_bstride", "dst_rstride", "nthreads")]
+        + [("src", ctypes.c_void_p), ("dst", ctypes.c_void_p)]
     )
 
 
@@ -150,6 +158,8 @@ def load_library():
             for fn in (lib.ssmdiff_conv_silu_forward, lib.ssmdiff_conv_silu_backward):
                 fn.argtypes = [ctypes.POINTER(_ConvSiluArgs)]
                 fn.restype = None
+            lib.ssmdiff_transpose.argtypes = [ctypes.POINTER(_TransposeArgs)]
+            lib.ssmdiff_transpose.restype = None
             _lib = lib
         except Exception as exc:  # any failure means "use the PyTorch path", never a crash
             _load_error = str(exc)
@@ -579,3 +589,107 @@ def conv_silu_cpu(x: torch.Tensor, convs) -> tuple[torch.Tensor, ...]:
     w1, b1, r1 = rest[0] if rest else (None, None, False)
     y0, y1 = _conv_fwd(x, w0, b0, w1, b1, bool(r0), bool(r1))
     return (y0, y1) if rest else (y0,)
+
+
+# ------------------------------------------------------------------- layout: token-major <-> channel-major
+
+def _transpose_into(src: torch.Tensor, dst: torch.Tensor) -> None:
+    """dst[b, c, r] = src[b, r, c]: float32 3-D tensors with unit stride along their last axis (either may be a
+    column slice of a wider tensor)."""
+    b, rows, cols = src.shape
+    a = _TransposeArgs()
+    a.batch, a.rows, a.cols = b, rows, cols
+    a.src_bstride, a.src_rstride = src.stride(0), src.stride(1)
+    a.dst_bstride, a.dst_rstride = dst.stride(0), dst.stride(1)
+    a.nthreads = _threads(b * rows, b * rows * cols)
+    a.src, a.dst = _ptr(src), _ptr(dst)
+    _lib.ssmdiff_transpose(ctypes.byref(a))
+
+
+def _unit_last(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+@torch.library.custom_op("ssmdiff::to_channel_major", mutates_args=(), device_types="cpu")
+def _to_channel_major(x: torch.Tensor, splits: list[int]) -> list[torch.Tensor]:
+    """x (batch, length, sum(splits)) float32 -> one contiguous (batch, splits[i], length) tensor per split."""
+    x = _unit_last(x)
+    b, length, _ = x.shape
+    outs, c0 = [], 0
+    for c in splits:
+        out = torch.empty((b, c, length), dtype=torch.float32)
+        _transpose_into(x[:, :, c0:c0 + c], out)
+        outs.append(out)
+        c0 += c
+    return outs
+
+
+@_to_channel_major.register_fake
+def _(x, splits):
+    return [x.new_empty((x.shape[0], c, x.shape[1])) for c in splits]
+
+
+@torch.library.custom_op("ssmdiff::to_token_major", mutates_args=(), device_types="cpu")
+def _to_token_major(xs: list[torch.Tensor]) -> torch.Tensor:
+    """[(batch, c_i, length)] float32 -> (batch, length, sum c_i) contiguous, the parts side by side."""
+    b, _, length = xs[0].shape
+    out = torch.empty((b, length, sum(x.shape[1] for x in xs)), dtype=torch.float32)
+    c0 = 0
+    for x in xs:
+        _transpose_into(_unit_last(x), out[:, :, c0:c0 + x.shape[1]])
+        c0 += x.shape[1]
+    return out
+
+
+@_to_token_major.register_fake
+def _(xs):
+    return xs[0].new_empty((xs[0].shape[0], xs[0].shape[2], sum(x.shape[1] for x in xs)))
+
+
+def _channel_major_backward(ctx, grads):
+    b, length, _ = ctx.shape
+    grads = [g if g is not None else torch.zeros((b, 1, length)).expand(b, c, length)
+             for g, c in zip(grads, ctx.splits)]
+    return _to_token_major([g.float() for g in grads]), None
+
+
+def _channel_major_setup_splits(ctx, inputs, output):
+    ctx.shape, ctx.splits = inputs[0].shape, list(inputs[1])
+
+
+def _token_major_setup(ctx, inputs, output):
+    ctx.splits = [x.shape[1] for x in inputs[0]]
+
+
+def _token_major_backward(ctx, grad):
+    return list(_to_channel_major(grad.float(), ctx.splits))
+
+
+_to_channel_major.register_autograd(_channel_major_backward, setup_context=_channel_major_setup_splits)
+_to_token_major.register_autograd(_token_major_backward, setup_context=_token_major_setup)
+
+
+def _layout_kernel_ok(t: torch.Tensor) -> bool:
+    return t.device.type == "cpu" and t.dtype == torch.float32 and available()
+
+
+def channel_major(x: torch.Tensor, splits) -> list[torch.Tensor]:
+    """x (batch, length, sum(splits)) -> [(batch, splits[i], length)], contiguous: the token-major output of a linear
+    layer into the channel-major layout of the scan and conv kernels, with the compiled transpose on CPU float32
+    (and ``.transpose().contiguous()`` elsewhere). Differentiable; the backward is ``token_major``."""
+    splits = [int(c) for c in splits]
+    if x.dim() != 3 or sum(splits) != x.shape[-1]:
+        raise ValueError(f"channel_major: x {tuple(x.shape)} does not split into {splits} channels")
+    if _layout_kernel_ok(x):
+        return list(_to_channel_major(x, splits))
+    return [t.transpose(1, 2).contiguous() for t in torch.split(x, splits, dim=-1)]
+
+
+def token_major(xs) -> torch.Tensor:
+    """[(batch, c_i, length)] -> (batch, length, sum c_i) contiguous; the inverse of ``channel_major``."""
+    xs = list(xs)
+    if any(x.dim() != 3 or x.shape[0] != xs[0].shape[0] or x.shape[2] != xs[0].shape[2] for x in xs):
+        raise ValueError(f"token_major: parts of shapes {[tuple(x.shape) for x in xs]} do not line up")
+    if all(_layout_kernel_ok(x) for x in xs):
+        return _to_token_major(xs)
+    return torch.cat([x.transpose(1, 2) for x in xs], dim=-1).contiguous()
