@@ -29,8 +29,12 @@ mixer actually saw, is recorded next to it, and the Gflops column keeps the comp
 
 Batch: by default 4096 / tokens images, at most 16 (16, 4, 1): the same number of tokens per batch at every size.
 
-Peak memory, CPU: each configuration runs in a fresh subprocess. Timing runs with the default allocator; then
-glibc's mmap threshold is pinned at 64 KiB and the free heap is trimmed (``mallopt`` / ``malloc_trim``), so every
+Allocator, CPU: each configuration runs in a fresh subprocess, timed with the allocator settings ``ssmdiff train``
+and ``sample`` use (``ssmdiff.utils.alloc.tune_cpu_allocator``: large freed buffers stay in the heap for reuse
+instead of being unmapped and page-faulted in again; ``SSMDIFF_MALLOC=default`` measures glibc's defaults). Each
+row records which one it ran with (``cpu_allocator``). In-process runs (``isolate=False``) keep the default.
+
+Peak memory, CPU: after the timing, glibc's mmap threshold is pinned at 64 KiB and the free heap is trimmed (``mallopt`` / ``malloc_trim``), so every
 tensor-sized buffer is mmapped and unmapped when freed and resident memory follows live memory; before each
 measured block the heap is trimmed again, the kernel's peak-RSS counter is reset (/proc/self/clear_refs) and one
 more step runs (a training step, then a sampling forward). ``*_extra_mb`` is VmHWM minus VmRSS just
@@ -82,9 +86,6 @@ TOKENS_PER_BATCH = 4096
 MAX_BATCH = 16
 DEFAULT_BUDGET_S = 120.0
 
-# glibc mallopt parameters (malloc.h).
-_M_TRIM_THRESHOLD = -1
-_M_MMAP_THRESHOLD = -3
 
 
 # ----------------------------------------------------------------------------------------------- configuration
@@ -186,12 +187,10 @@ def _reset_peak_rss() -> bool:
 
 def _pin_malloc() -> bool:
     """Make resident memory follow live memory from here on (see the module docstring)."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        # The free heap is trimmed by each measured block (``_PeakMemory`` calls ``_trim_heap``).
-        return libc.mallopt(_M_MMAP_THRESHOLD, 64 * 1024) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, 0) == 1
-    except (OSError, AttributeError):
-        return False
+    from .utils.alloc import M_MMAP_THRESHOLD, M_TRIM_THRESHOLD, mallopt
+
+    # The free heap is trimmed by each measured block (``_PeakMemory`` calls ``_trim_heap``).
+    return mallopt(M_MMAP_THRESHOLD, 64 * 1024) and mallopt(M_TRIM_THRESHOLD, 0)
 
 
 def _trim_heap() -> None:
@@ -344,6 +343,7 @@ def measure_config(cfg: dict) -> dict:
     import torch.nn.functional as F
 
     from .models import create_model
+    from .utils.alloc import cpu_allocator_state
 
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg["threads"]))
@@ -387,7 +387,7 @@ def measure_config(cfg: dict) -> dict:
         with torch.inference_mode(), autocast:
             run(x, t, y)
 
-    row = {}
+    row = {"cpu_allocator": cpu_allocator_state()}
     model.train()
     row["train"] = _time_phase(train_step, device, cfg["warmup"], cfg["repeats"], cfg["budget_s"])
     row["mixer_len"] = max(lengths) if lengths else None
@@ -409,6 +409,9 @@ def measure_config(cfg: dict) -> dict:
 
 def _worker_main(payload: str) -> int:
     cfg = json.loads(payload)
+    from .utils.alloc import tune_cpu_allocator
+
+    tune_cpu_allocator()  # before anything is allocated: every model is timed as ``ssmdiff train`` runs it
     import torch  # noqa: F401
 
     from .models import list_models
@@ -974,6 +977,9 @@ def main(argv=None) -> int:
 
 
 def _profile_main(args) -> int:
+    from .utils.alloc import tune_cpu_allocator
+
+    tune_cpu_allocator()  # as the timed configurations run
     models = args.models or ["DiS-S/2", "DiT-S/2"]
     tokens = (args.tokens or [1024])[0]
     dtype = (args.dtype or ["bf16"])[0]

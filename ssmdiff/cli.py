@@ -16,6 +16,7 @@ import sys
 import typing
 
 from .checkpoint import CheckpointError
+from .utils.alloc import tune_cpu_allocator
 
 PROG = "ssmdiff"
 
@@ -509,6 +510,11 @@ COMMANDS = {
 }
 
 
+# Commands that allocate and free large tensors step after step: they keep freed buffers for reuse
+# (``ssmdiff.utils.alloc``; SSMDIFF_MALLOC=default turns that off).
+_HEAVY_COMMANDS = ("train", "sample", "evaluate", "extract-latents")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``ssmdiff`` console script; returns the exit status."""
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -521,6 +527,8 @@ def main(argv: list[str] | None = None) -> int:
     if ns.command is None:
         parser.print_help()
         return 2
+    if ns.command in _HEAVY_COMMANDS:
+        tune_cpu_allocator()
     try:
         return COMMANDS[ns.command](ns)
     except (CliError, CheckpointError, ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as e:

@@ -5,6 +5,10 @@ import torch
 
 # Two cores shared by the whole suite: keep intra-op threads modest and results reproducible.
 torch.set_num_threads(int(os.environ.get("SSMDIFF_TEST_THREADS", "2")))
+# The CLI's heavy commands tune glibc's malloc for the whole process (ssmdiff.utils.alloc); tests call them
+# in-process, and in-process memory measurements (tests/test_bench.py) need resident memory to follow live memory.
+# tests/test_alloc.py checks the tuning itself in fresh processes.
+os.environ["SSMDIFF_MALLOC"] = "default"
 
 
 def pytest_collection_modifyitems(config, items):
