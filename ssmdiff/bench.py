@@ -837,7 +837,8 @@ def profile_training_step(name: str = "DiS-S/2", tokens: int = 1024, dtype: str 
     Returns (table, summary): torch's key-averages table sorted by self CPU time (top ``row_limit`` ops) and
     {"step_s", "self_cpu_s_total", "categories": {category: self CPU seconds}, "top": [(op, self CPU s, calls)]}.
     Categories are a rough grouping of aten op names (matmul, attention, scan, conv, copy/layout, optimizer, norm,
-    elementwise/other), to see at a glance where a step goes.
+    elementwise/other), to see at a glance where a step goes. ``summary["products"]`` lists the matrix products by
+    op and operand shapes: calls, self CPU seconds and the GFLOP/s they reached (``_product_rows``).
     """
     import torch
     import torch.nn.functional as F
@@ -871,9 +872,10 @@ def profile_training_step(name: str = "DiS-S/2", tokens: int = 1024, dtype: str 
     for _ in range(warmup):
         step()
     t0 = time.perf_counter()
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         step()
     step_s = time.perf_counter() - t0
+    products = _product_rows(prof.key_averages(group_by_input_shape=True))
     averages = prof.key_averages()
     table = averages.table(sort_by="self_cpu_time_total", row_limit=row_limit)
     cats: dict = {}
@@ -885,8 +887,45 @@ def profile_training_step(name: str = "DiS-S/2", tokens: int = 1024, dtype: str 
                "step_s": step_s,
                "self_cpu_s_total": total,
                "categories": dict(sorted(cats.items(), key=lambda kv: -kv[1])),
-               "top": [(e.key, e.self_cpu_time_total / 1e6, e.count) for e in events[:row_limit]]}
+               "top": [(e.key, e.self_cpu_time_total / 1e6, e.count) for e in events[:row_limit]],
+               "products": products}
     return table, summary
+
+
+def _product_flops(op: str, shapes) -> int | None:
+    """Flops (2 per multiply-add) of one call of a matrix product from the profiler's input shapes."""
+    try:
+        if op == "aten::mm":
+            (m, k), (_, n) = shapes[0], shapes[1]
+            return 2 * m * k * n
+        if op == "aten::addmm":
+            (m, k), (_, n) = shapes[1], shapes[2]
+            return 2 * m * k * n
+        if op == "aten::bmm":
+            (b, m, k), (_, _, n) = shapes[0], shapes[1]
+            return 2 * b * m * k * n
+        if op == "aten::baddbmm":
+            (b, m, k), (_, _, n) = shapes[1], shapes[2]
+            return 2 * b * m * k * n
+    except (TypeError, ValueError, IndexError):
+        return None
+    return None
+
+
+def _product_rows(grouped, limit: int = 12) -> list[dict]:
+    """The matrix products of a profile grouped by input shapes, slowest first: where a model's products run below
+    the machine's GEMM rate (skinny or small-K shapes, transposed operands)."""
+    rows = []
+    for e in grouped:
+        flops = _product_flops(e.key, e.input_shapes)
+        seconds = e.self_cpu_time_total / 1e6
+        if flops is None or seconds <= 0:
+            continue
+        shapes = " x ".join(str(tuple(sh)) for sh in e.input_shapes if sh)
+        rows.append({"op": e.key.removeprefix("aten::"), "shapes": shapes, "calls": e.count, "self_s": seconds,
+                     "gflops_per_s": flops * e.count / seconds / 1e9})
+    rows.sort(key=lambda r: -r["self_s"])
+    return rows[:limit]
 
 
 def _print_profile(summary: dict, table: str) -> str:
@@ -896,6 +935,10 @@ def _print_profile(summary: dict, table: str) -> str:
     total = summary["self_cpu_s_total"] or 1.0
     for cat, s in summary["categories"].items():
         lines.append(f"  {cat:<18} {s:7.2f} s  {100 * s / total:5.1f}%")
+    if summary.get("products"):
+        lines.append("matrix products by shape (self CPU, GFLOP/s reached):")
+        for r in summary["products"]:
+            lines.append(f"  {r['self_s']:6.2f} s  {r['calls']:4d} x {r['op']:<7} {r['gflops_per_s']:6.1f}  {r['shapes']}")
     return "\n".join(lines)
 
 

@@ -116,6 +116,21 @@ def test_profile_summary():
     assert len(summary["top"]) == 5
     assert summary["self_cpu_s_total"] == pytest.approx(sum(summary["categories"].values()))
     assert "matmul" in summary["categories"]
+    # Products by shape: DiT-T/2's qkv projection (batch 2 x 16 tokens = 32 rows, width 128 -> 384, DiT conditions
+    # through adaLN, not a token) among them, with its flops counted from the shapes.
+    products = summary["products"]
+    assert products and all(r["gflops_per_s"] > 0 and r["calls"] >= 1 for r in products)
+    assert any(r["op"] == "addmm" and "(32, 128) x (128, 384)" in r["shapes"] for r in products), products
+    assert "matrix products by shape" in bench._print_profile(summary, table)
+
+
+def test_product_flops_from_shapes():
+    assert bench._product_flops("aten::mm", [[4, 8], [8, 3]]) == 2 * 4 * 8 * 3
+    assert bench._product_flops("aten::addmm", [[3], [4, 8], [8, 3], [], []]) == 2 * 4 * 8 * 3
+    assert bench._product_flops("aten::bmm", [[2, 4, 8], [2, 8, 3]]) == 2 * 2 * 4 * 8 * 3
+    assert bench._product_flops("aten::baddbmm", [[2, 4, 3], [2, 4, 8], [2, 8, 3], [], []]) == 2 * 2 * 4 * 8 * 3
+    assert bench._product_flops("aten::mm", [[]]) is None
+    assert bench._product_flops("aten::add", [[4], [4]]) is None
 
 
 def test_compile_flag_compiles_every_model_in_warmup(monkeypatch):
