@@ -6,8 +6,8 @@
 
 What is measured, for every (model, tokens, dtype) configuration (images/s from the fastest timed step, over the
 repeats and ``--rounds``; the median is kept in the JSON):
-  train     images/s of one optimisation step: forward, a plain MSE loss, backward, AdamW step (fp32 weights;
-            "bf16" = the forward and backward under ``torch.autocast(dtype=torch.bfloat16)``);
+  train     images/s of one optimisation step: forward, a plain MSE loss, backward, AdamW step (fused, as the
+            trainer's; fp32 weights; "bf16" = the forward and backward under ``torch.autocast(dtype=torch.bfloat16)``);
   sample    images/s of one denoising forward under ``torch.inference_mode`` (same autocast);
   memory    peak memory of each, see below;
   Gflops    ``ssmdiff.models.count_flops`` per image and forward pass (DiT convention: a multiply-add is one flop;
@@ -343,6 +343,7 @@ def measure_config(cfg: dict) -> dict:
     import torch.nn.functional as F
 
     from .models import create_model
+    from .train import fused_adamw
     from .utils.alloc import cpu_allocator_state
 
     if cfg.get("threads"):
@@ -354,7 +355,7 @@ def measure_config(cfg: dict) -> dict:
     size = input_size_for(name, tokens)
     model = create_model(name, input_size=size, in_channels=4, num_classes=cfg["num_classes"],
                          **constructor_overrides(cfg.get("overrides", {}))).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0, fused=fused_adamw(device))
     channels = model.in_channels
     x = torch.randn(batch, channels, size, size, device=device)
     noise = torch.randn_like(x)
@@ -845,6 +846,7 @@ def profile_training_step(name: str = "DiS-S/2", tokens: int = 1024, dtype: str 
     from torch.profiler import ProfilerActivity, profile
 
     from .models import create_model
+    from .train import fused_adamw
 
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}: choose from {', '.join(DTYPES)}")
@@ -856,7 +858,7 @@ def profile_training_step(name: str = "DiS-S/2", tokens: int = 1024, dtype: str 
     model = create_model(name, input_size=size, in_channels=4, num_classes=num_classes,
                          **constructor_overrides(overrides or {})).train()
     run = torch.compile(model) if (overrides or {}).get("compile") else model
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0, fused=fused_adamw(torch.device("cpu")))
     x = torch.randn(b, 4, size, size)
     noise = torch.randn_like(x)
     t = torch.randint(0, 1000, (b,)).float()

@@ -323,6 +323,18 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return groups
 
 
+def fused_adamw(device: torch.device, fsdp: bool = False) -> bool:
+    """Whether AdamW takes its fused kernel (one pass over every parameter) on this device. On a CPU the default
+    per-tensor loop costs ~10 small ops per parameter tensor: for DiS-S/2's 462 tensors an optimiser step took
+    221 ms that way against 18 ms fused (DiT-S/2, 132 tensors: 36 against 18). FSDP keeps the default path."""
+    try:  # private, but the list torch itself checks `fused=True` against
+        from torch.optim.optimizer import _get_fused_kernels_supported_devices
+        supported = _get_fused_kernels_supported_devices()
+    except ImportError:
+        supported = ["cuda", "cpu"]
+    return not fsdp and device.type in supported
+
+
 def lr_lambda_for(cfg: TrainConfig) -> Callable[[int], float]:
     """Multiplier of the base lr after ``s`` scheduler steps: linear warmup, then constant or half-cosine."""
     warm, total, floor = cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio
@@ -599,7 +611,7 @@ def train(
 
     optimizer = torch.optim.AdamW(
         param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-        fused=device.type == "cuda" and not cfg.fsdp,
+        fused=fused_adamw(device, cfg.fsdp),
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda_for(cfg))
 

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ssmdiff.diffusion.gaussian import GaussianDiffusion
-from ssmdiff.train import TrainConfig, lr_lambda_for, param_groups, train
+from ssmdiff.train import TrainConfig, fused_adamw, lr_lambda_for, param_groups, train
 
 
 class TinyNet(nn.Module):
@@ -135,6 +135,27 @@ def test_weight_decay_groups():
     # only conv weights decay: biases, the norm, the class embedding and the exempted projection do not
     assert names == {"conv_in.weight", "conv_out.weight"}
     assert groups[1]["weight_decay"] == 0.0
+
+
+def test_fused_adamw_matches_the_per_tensor_loop():
+    """The trainer's CPU optimiser is AdamW's fused kernel: same steps as the default per-tensor loop (the
+    reference), with both weight-decay groups, over several steps so the moment estimates matter."""
+    assert fused_adamw(torch.device("cpu")) and not fused_adamw(torch.device("cpu"), fsdp=True)
+    torch.manual_seed(0)
+    ref = TinyNet()
+    fast = TinyNet()
+    fast.load_state_dict(ref.state_dict())
+    opts = [torch.optim.AdamW(param_groups(m, 0.05), lr=1e-2, betas=(0.9, 0.99), fused=f)
+            for m, f in ((ref, False), (fast, True))]
+    for _ in range(5):
+        grads = [torch.randn_like(p) for p in ref.parameters()]
+        for m, opt in zip((ref, fast), opts):
+            for p, g in zip(m.parameters(), grads):
+                p.grad = g.clone()
+            opt.step()
+    for (name, a), b in zip(ref.named_parameters(), fast.parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
+    assert opts[1].state_dict()["state"].keys() == opts[0].state_dict()["state"].keys()
 
 
 def test_lr_schedule_warmup_then_cosine():
