@@ -116,6 +116,7 @@ def test_profile_summary():
     assert len(summary["top"]) == 5
     assert summary["self_cpu_s_total"] == pytest.approx(sum(summary["categories"].values()))
     assert "matmul" in summary["categories"]
+    assert summary["plain_step_s"] > 0 and "without)" in bench._print_profile(summary, table)
     # Products by shape: DiT-T/2's qkv projection (batch 2 x 16 tokens = 32 rows, width 128 -> 384, DiT conditions
     # through adaLN, not a token) among them, with its flops counted from the shapes.
     products = summary["products"]
