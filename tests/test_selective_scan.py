@@ -114,6 +114,20 @@ def test_cpu_kernel_matches_reference(length, opts, reverse):
 
 
 @needs_kernel
+@pytest.mark.parametrize("reverse", [False, True])
+def test_cpu_kernel_softplus_both_sides_vector_body_and_tail(reverse):
+    """The backward's softplus derivative comes from the forward exp (sigmoid(v) = 1/(1+e) or e/(1+e), e = exp(-|v|))
+    in whole vectors and in the scalar tail: raw delta on both sides of 0 and far out (|v| = 150, past the clamp),
+    at a length with both a vector body and a tail."""
+    inputs, kw = _case(1003, OPTION_SETS["full"], reverse=reverse)
+    g = torch.Generator().manual_seed(7)
+    raw = torch.rand(inputs["delta"].shape, generator=g) * 16 - 8
+    raw[0, 0, 3], raw[0, 1, 1001], raw[1, 2, 500], raw[1, 3, 1002] = 150.0, -150.0, -150.0, 150.0
+    inputs["delta"] = raw.requires_grad_()
+    compare(inputs, "cpu", FP32_TOL, **kw)
+
+
+@needs_kernel
 @pytest.mark.parametrize("opts", list(SINGLE))
 def test_cpu_kernel_single_options(opts):
     inputs, kw = _case(256, SINGLE[opts])
