@@ -171,13 +171,19 @@ def main(argv=None) -> int:
     backend = resolve_backend(torch.device("cpu"))
     print(f"selective scan: batch {args.batch}, channels {args.dim}, state {args.state}, {args.threads} threads, "
           f"ssmdiff backend '{backend}'; fwd = no-grad forward, fwd+bwd = forward + backward of all inputs")
+    import importlib.util
+
+    impls = list(IMPLS)
+    if importlib.util.find_spec("mambapy") is None:
+        impls.remove("mambapy")
+        print("mambapy is not installed (pip install -e '.[bench]'): its columns and the ratios to it are left out")
     results = []
     ref_estimate = 0.0
     prev_len = None
     for length in args.lengths:
         flops = 9 * args.batch * length * args.dim * args.state
         row = {"length": length, "flops_fwd": flops}
-        for impl in IMPLS:
+        for impl in impls:
             if impl == "reference":
                 if args.skip_ref:
                     continue
