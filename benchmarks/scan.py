@@ -7,9 +7,11 @@ For every implementation and length: forward (no grad) and forward+backward wall
 CPU milliseconds (all threads), peak memory, achieved GFLOP/s (9*B*L*D*N flops per forward, wall time) and ratios
 against mambapy (wall time) measured in the same run.
 
-Peak memory: each measurement runs in a fresh subprocess with glibc's mmap threshold pinned at 64 KiB, so every
-tensor-sized buffer is mmapped and unmapped when freed and resident memory follows live memory; after a warm-up
-the kernel's peak-RSS counter is reset (/proc/self/clear_refs) and "peak" is VmHWM minus VmRSS just before the run:
+Each measurement runs in a fresh subprocess. Times are taken with the allocator set as training sets it
+(``ssmdiff.utils.alloc.tune_cpu_allocator``: freed buffers are reused, not page-faulted in again every call).
+Peak memory comes after them, from one more call with glibc's mmap threshold pinned at 64 KiB and the heap trimmed,
+so every tensor-sized buffer is mmapped and unmapped when freed and resident memory follows live memory: the
+kernel's peak-RSS counter is reset (/proc/self/clear_refs) and "peak" is VmHWM minus VmRSS just before the call:
 extra memory the operation needed on top of its inputs (outputs and gradients included). Not counted: inputs.
 
 mambapy (pure PyTorch, Blelloch scan) runs in its own (batch, length, channels, state) layout, timed from the same
@@ -22,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -86,6 +87,10 @@ def measure(impl: str, mode: str, batch: int, dim: int, length: int, state: int,
     """Runs in a subprocess: times ``mode`` ("fwd" or "fwdbwd") and measures its peak extra memory."""
     import torch
 
+    from ssmdiff.bench import _pin_malloc, _trim_heap
+    from ssmdiff.utils.alloc import cpu_allocator_state, tune_cpu_allocator
+
+    tune_cpu_allocator()
     torch.set_num_threads(threads)
     grad = mode == "fwdbwd"
     inputs = make_inputs(impl, batch, dim, length, state, grad)
@@ -110,6 +115,8 @@ def measure(impl: str, mode: str, batch: int, dim: int, length: int, state: int,
             once()
             times.append(time.perf_counter() - t0)
             cpu_times.append(time.process_time() - c0)
+    _pin_malloc()
+    _trim_heap()
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # reset VmHWM to the current RSS
@@ -126,15 +133,15 @@ def measure(impl: str, mode: str, batch: int, dim: int, length: int, state: int,
     # CPU time (all threads) next to wall time: on a machine shared with other jobs wall time mostly measures
     # waiting, CPU time the work done.
     return {"ms": 1e3 * statistics.median(times), "ms_all": [1e3 * t for t in times],
-            "cpu_ms": 1e3 * statistics.median(cpu_times), "peak_mb": None if peak is None else peak / 1024}
+            "cpu_ms": 1e3 * statistics.median(cpu_times), "peak_mb": None if peak is None else peak / 1024,
+            "cpu_allocator": cpu_allocator_state()}
 
 
 def run_subprocess(args, impl: str, mode: str, length: int, timeout: float | None) -> dict | None:
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
     cmd = [sys.executable, __file__, "--_measure", impl, mode, str(length), "--batch", str(args.batch), "--dim",
            str(args.dim), "--state", str(args.state), "--threads", str(args.threads), "--repeats", str(args.repeats)]
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return None
     if proc.returncode != 0:
@@ -200,6 +207,7 @@ def main(argv=None) -> int:
                 row[f"{impl}_{mode}_ms"] = res["ms"]
                 row[f"{impl}_{mode}_cpu_ms"] = res["cpu_ms"]
                 row[f"{impl}_{mode}_peak_mb"] = res["peak_mb"]
+                row["cpu_allocator"] = res["cpu_allocator"]
                 if impl == "reference":
                     ref_estimate = max(ref_estimate, res["ms"] / 1e3)
         prev_len = length
