@@ -75,6 +75,8 @@ def _channel_major(weight: torch.Tensor, x_t: torch.Tensor) -> torch.Tensor:
     dtype = low_precision_cpu_dtype(x_t)
     if dtype is not None:  # bf16/fp16 on a CPU without native support: dot-layout products (ops/products.py)
         return LowPrecisionBmm.apply(weight.to(dtype).expand(x_t.shape[0], -1, -1), x_t.to(dtype))
+    if autocast_dtype(x_t) is None and weight.dtype != x_t.dtype:  # bf16 activations, fp32 weights: as above
+        weight = weight.to(x_t.dtype)
     return torch.bmm(weight.expand(x_t.shape[0], -1, -1), x_t)
 
 
@@ -90,8 +92,8 @@ class _FromChannelMajor(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight):
-        dtype = autocast_dtype(x)
-        xc, wc = (x, weight) if dtype is None else (x.to(dtype), weight.to(dtype))
+        dtype = autocast_dtype(x) or x.dtype  # without autocast the product runs in the activations' dtype
+        xc, wc = x.to(dtype), weight.to(dtype)
         ctx.save_for_backward(xc, wc)
         ctx.dtypes = (x.dtype, weight.dtype)
         ctx.token_major = _token_major_products(x)
