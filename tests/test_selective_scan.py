@@ -170,6 +170,46 @@ def test_cpu_kernel_low_precision(dtype, length):
 
 
 @needs_kernel
+@pytest.mark.parametrize("state", [16, 24])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_cpu_kernel_bf16_rows_equal_whole_tensor_conversion(state, reverse):
+    """bf16 u, delta, z, add (and dout) are widened row by row inside the kernel and out, du, ddelta, dz narrowed
+    there with round-to-nearest-even: bit for bit what converting the whole tensors to float32 around the float32
+    kernel gives (the path for other dtypes, and for state sizes the vector rows do not take, here 24). Length 1003:
+    a vector body and a tail; threads on."""
+    g = torch.Generator().manual_seed(3)
+    b, d, L = 2, 24, 1003
+    bf = torch.bfloat16
+    u, delta, z, add, dout = (torch.randn(b, d, L, generator=g).to(bf) for _ in range(5))
+    delta = (delta.float() * 0.5 - 1).to(bf)
+    A = -torch.rand(d, state, generator=g) * 4 - 0.5
+    B, C = torch.randn(b, state, L, generator=g), torch.randn(b, state, L, generator=g)
+    D, bias = torch.randn(d, generator=g), torch.randn(d, generator=g) * 0.3
+    f32 = [t.float() for t in (u, delta, z, add, dout)]
+    io = _scan_cpu._RowIO(_scan_cpu._bf16_rows_ok(state))
+    assert (io.input("u", u).dtype == bf) == (state == 16) and io.bits == (1 if state == 16 else 0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        out, last, states = _scan_cpu._scan_fwd(u, delta, A, B, C, D, z, bias, add, True, reverse, True)
+        out_r, last_r, states_r = _scan_cpu._scan_fwd(*f32[:2], A, B, C, D, f32[2], bias, f32[3], True, reverse,
+                                                       True)
+        assert out.dtype == bf and torch.equal(out, out_r.to(bf))
+        assert torch.equal(last, last_r) and torch.equal(states, states_r)
+        grads = _scan_cpu._scan_bwd(dout, u, delta, A, B, C, D, z, bias, states, True, reverse)
+        grads_r = _scan_cpu._scan_bwd(f32[4], *f32[:2], A, B, C, D, f32[2], bias, states_r, True, reverse)
+    finally:
+        torch.set_num_threads(threads)
+    for name, gr, gr_r, like in zip(("du", "ddelta", "dA", "dB", "dC", "dD", "dz", "dbias"), grads, grads_r,
+                                    (u, delta, A, B, C, D, z, bias)):
+        assert gr.dtype == like.dtype, name
+        if name in ("dB", "dC"):  # summed over channels in per-thread slabs: the order varies between calls
+            torch.testing.assert_close(gr, gr_r, rtol=1e-5, atol=1e-5, msg=name)
+        else:
+            assert torch.equal(gr, gr_r.to(like.dtype)), name
+
+
+@needs_kernel
 def test_cpu_kernel_extreme_delta_and_gate():
     """The kernel's vector softplus and sigmoid over their whole range: pre-activations of delta from -200 to 1e4
     and gates from -300 to 300 (exp2's argument clamps, softplus(x) = x for large x, silu(z) -> 0 for very negative

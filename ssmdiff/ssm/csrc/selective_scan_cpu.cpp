@@ -52,6 +52,16 @@ struct ScanArgs {
   // backward only
   const float *dout;
   float *du, *ddelta, *dz, *dA_rows, *dD_rows, *dbias_rows, *dB_threads, *dC_threads;
+  // Which of u, delta, z, add, out, dout, du, ddelta, dz hold bfloat16 instead of float32 (BF16_* bits). Only the
+  // vector Mamba-1 rows read and write them (state sizes 8..64, no SSD mode): one row at a time is converted into a
+  // float32 buffer on the way in and rounded to nearest-even on the way out, so the caller needs no
+  // whole-tensor conversion under autocast.
+  int64_t bf16_io;
+};
+
+enum : int64_t {
+  BF16_U = 1, BF16_DELTA = 2, BF16_Z = 4, BF16_ADD = 8, BF16_OUT = 16, BF16_DOUT = 32, BF16_DU = 64,
+  BF16_DDELTA = 128, BF16_DZ = 256
 };
 
 // Transpose of the last two axes: dst[b][c][r] = src[b][r][c] for r < rows, c < cols; unit stride along the last
@@ -158,13 +168,11 @@ inline void row_delta(const ScanArgs& a, const RowInfo& ri, const float* drow, f
 // The forward's epilogue on positions t0.. of one row of scan outputs y: out = (y + D u) * silu(z), or y + D u
 // without z; plus `add` when given (summing the two directions of a bidirectional block here saves a pass over
 // both outputs).
-inline void skip_and_gate(const ScanArgs& a, const RowInfo& ri, int64_t row, const float* urow, float* orow,
-                          int64_t t0 = 0) {
+inline void skip_and_gate(const ScanArgs& a, const RowInfo& ri, const float* urow, const float* zrow,
+                          const float* addrow, float* orow, int64_t t0 = 0) {
   const int64_t L = a.len;
   const float Dd = a.D ? a.D[ri.d] : 0.0f;
-  const float* addrow = a.add ? a.add + row * L : nullptr;
-  if (a.z) {
-    const float* zrow = a.z + row * L;
+  if (zrow) {
     for (int64_t t = t0; t < L; ++t) {
       const float zz = zrow[t];
       orow[t] = (orow[t] + Dd * urow[t]) * zz * sigmoid(zz) + (addrow ? addrow[t] : 0.0f);
@@ -210,7 +218,7 @@ void forward_rows(const ScanArgs& a, int64_t row0, int64_t row1) {
       orow[t] = y;
     }
     if (a.last_state) std::memcpy(a.last_state + row * n, h, n * sizeof(float));
-    skip_and_gate(a, ri, row, urow, orow);
+    skip_and_gate(a, ri, urow, a.z ? a.z + row * L : nullptr, a.add ? a.add + row * L : nullptr, orow);
   }
 }
 
@@ -443,13 +451,12 @@ inline void row_delta_vec(const ScanArgs& a, const RowInfo& ri, const float* dro
 }
 
 // skip_and_gate with whole vectors where there is a gate, the tail (or a row without gate) by skip_and_gate.
-inline void skip_and_gate_vec(const ScanArgs& a, const RowInfo& ri, int64_t row, const float* urow, float* orow) {
+inline void skip_and_gate_vec(const ScanArgs& a, const RowInfo& ri, const float* urow, const float* zrow,
+                              const float* addrow, float* orow) {
   const int64_t L = a.len;
   int64_t t = 0;
-  if (a.z) {
+  if (zrow) {
     const float Dd = a.D ? a.D[ri.d] : 0.0f;
-    const float* zrow = a.z + row * L;
-    const float* addrow = a.add ? a.add + row * L : nullptr;
     for (; t + VW <= L; t += VW) {
       const vf zz = load(zrow + t);
       vf o = (load(orow + t) + Dd * load(urow + t)) * zz * vsigmoid(zz);
@@ -457,7 +464,43 @@ inline void skip_and_gate_vec(const ScanArgs& a, const RowInfo& ri, int64_t row,
       store(orow + t, o);
     }
   }
-  skip_and_gate(a, ri, row, urow, orow, t);
+  skip_and_gate(a, ri, urow, zrow, addrow, orow, t);
+}
+
+// bfloat16 rows: widen exactly; narrow with round-to-nearest-even (NaN stays NaN), as torch's .to(bfloat16) does.
+inline void bf16_to_f32(const uint16_t* src, float* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    const uint32_t bits = uint32_t(src[i]) << 16;
+    std::memcpy(dst + i, &bits, sizeof(float));
+  }
+}
+
+inline void f32_to_bf16(const float* src, uint16_t* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    uint32_t bits;
+    std::memcpy(&bits, src + i, sizeof(float));
+    const bool nan = (bits & 0x7fffffffu) > 0x7f800000u;
+    dst[i] = nan ? uint16_t((bits >> 16) | 0x40u) : uint16_t((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
+  }
+}
+
+// Row `row` of a (rows, L) input that is float32, or bfloat16 when `bit` is set in bf16_io (then widened into buf).
+inline const float* in_row(const ScanArgs& a, const float* base, int64_t bit, int64_t row, float* buf) {
+  if (!base) return nullptr;
+  const int64_t L = a.len;
+  if (!(a.bf16_io & bit)) return base + row * L;
+  bf16_to_f32(reinterpret_cast<const uint16_t*>(base) + row * L, buf, L);
+  return buf;
+}
+
+// Where a row of an output is written: in place for float32, or into buf, narrowed by out_row_done.
+inline float* out_row(const ScanArgs& a, float* base, int64_t bit, int64_t row, float* buf) {
+  if (!base) return nullptr;
+  return (a.bf16_io & bit) ? buf : base + row * a.len;
+}
+
+inline void out_row_done(const ScanArgs& a, float* base, int64_t bit, int64_t row, const float* buf) {
+  if (base && (a.bf16_io & bit)) f32_to_bf16(buf, reinterpret_cast<uint16_t*>(base) + row * a.len, a.len);
 }
 
 template <int NS>
@@ -469,14 +512,20 @@ void forward_rows_vec(const ScanArgs& a, int64_t row0, int64_t row1) {
   const int64_t nchunks = (L + K - 1) / K;
   std::vector<float> dtbuf(L), xbuf(L);
   float *dt = dtbuf.data(), *xs = xbuf.data();
+  const bool staged = a.bf16_io != 0;
+  std::vector<float> stage(staged ? 5 * L : 0);
+  float* sb = stage.data();
   for (int64_t row = row0; row < row1; ++row) {
     const RowInfo ri = row_info(a, row);
-    const float* urow = a.u + row * L;
-    float* orow = a.out + row * L;
+    const float* urow = in_row(a, a.u, BF16_U, row, sb);
+    const float* drow = in_row(a, a.delta, BF16_DELTA, row, sb + L);
+    const float* zrow = in_row(a, a.z, BF16_Z, row, sb + 2 * L);
+    const float* addrow = in_row(a, a.add, BF16_ADD, row, sb + 3 * L);
+    float* orow = out_row(a, a.out, BF16_OUT, row, sb + 4 * L);
     const float* Bg = a.B + (ri.b * a.groups + ri.grp) * L * NS;
     const float* Cg = a.C + (ri.b * a.groups + ri.grp) * L * NS;
     float* cs = a.chunk_states ? a.chunk_states + row * nchunks * NS : nullptr;
-    row_delta_vec(a, ri, a.delta + row * L, dt);
+    row_delta_vec(a, ri, drow, dt);
     for (int64_t i = 0; i < L; ++i) xs[i] = dt[i] * urow[i];
     vf Av[NV], h[NV];
     for (int j = 0; j < NV; ++j) Av[j] = load(a.A + ri.d * NS + j * VW) * kLog2e, h[j] = vf{};
@@ -513,7 +562,8 @@ void forward_rows_vec(const ScanArgs& a, int64_t row0, int64_t row1) {
     }
     if (a.last_state)
       for (int j = 0; j < NV; ++j) store(a.last_state + row * NS + j * VW, h[j]);
-    skip_and_gate_vec(a, ri, row, urow, orow);
+    skip_and_gate_vec(a, ri, urow, zrow, addrow, orow);
+    out_row_done(a, a.out, BF16_OUT, row, orow);
   }
 }
 
@@ -532,19 +582,22 @@ void backward_rows_vec(const ScanArgs& a, int64_t row0, int64_t row1, int64_t ti
   float* xs = xbuf.data();
   const auto [dBthr, dCthr] = thread_dbc(a, tid, NS);
   const int64_t step = a.reverse ? -1 : 1;
+  const bool staged = a.bf16_io != 0;
+  std::vector<float> stage(staged ? 7 * L : 0);
+  float* sb = stage.data();
   for (int64_t row = row0; row < row1; ++row) {
     const RowInfo ri = row_info(a, row);
-    const float* urow = a.u + row * L;
-    const float* gout = a.dout + row * L;
+    const float* urow = in_row(a, a.u, BF16_U, row, sb);
+    const float* gout = in_row(a, a.dout, BF16_DOUT, row, sb + L);
     const int64_t bc_off = (ri.b * a.groups + ri.grp) * L * NS;
     const float *Bg = a.B + bc_off, *Cg = a.C + bc_off;
     float *dBg = dBthr + bc_off, *dCg = dCthr + bc_off;
     const float* cs = a.chunk_states + row * nchunks * NS;
-    float* durow = a.du + row * L;
+    float* durow = out_row(a, a.du, BF16_DU, row, sb + 2 * L);
     const float Dd = a.D ? a.D[ri.d] : 0.0f;
-    const float* drow = a.delta + row * L;
+    const float* drow = in_row(a, a.delta, BF16_DELTA, row, sb + 3 * L);
     const float bias = a.delta_bias ? a.delta_bias[ri.d] : 0.0f;
-    const float* zrow = a.z ? a.z + row * L : nullptr;
+    const float* zrow = in_row(a, a.z, BF16_Z, row, sb + 4 * L);
     // One pass over the row's inputs: delta after bias (and softplus, keeping its derivative for ddelta), the
     // scan input x = delta u, and the gradient reaching the scan output, g = dout silu(z), with
     // zf = dout silu'(z), which times (y + D u) gives dz. Per-position work (this, the epilogue and the per-chunk
@@ -639,8 +692,8 @@ void backward_rows_vec(const ScanArgs& a, int64_t row0, int64_t row1, int64_t ti
       if (zrow) reduce_steps(ybuf.data(), s1 - s0, s0, L, a.reverse, ys.data());
     }
     // One pass for the per-position gradients: du, ddelta (through softplus), dz, and the sums for dD and the bias.
-    float* ddrow = a.ddelta + row * L;
-    float* dzrow = zrow ? a.dz + row * L : nullptr;
+    float* ddrow = out_row(a, a.ddelta, BF16_DDELTA, row, sb + 5 * L);
+    float* dzrow = zrow ? out_row(a, a.dz, BF16_DZ, row, sb + 6 * L) : nullptr;
     vf dDv{}, dbv{};
     int64_t i = 0;
     for (; i + VW <= L; i += VW) {
@@ -663,6 +716,9 @@ void backward_rows_vec(const ScanArgs& a, int64_t row0, int64_t row1, int64_t ti
       dDacc += g[i] * urow[i];
       if (dzrow) dzrow[i] = zf[i] * (ys[i] + Dd * urow[i]);
     }
+    out_row_done(a, a.du, BF16_DU, row, durow);
+    out_row_done(a, a.ddelta, BF16_DDELTA, row, ddrow);
+    if (dzrow) out_row_done(a, a.dz, BF16_DZ, row, dzrow);
     for (int j = 0; j < NV; ++j) store(a.dA_rows + row * NS + j * VW, dAacc[j]);
     a.dD_rows[row] = dDacc;
     a.dbias_rows[row] = dbias;
@@ -784,7 +840,8 @@ void forward_sd(const ScanArgs& a, int64_t unit0, int64_t unit1) {
     for (int64_t i = 0; i < P; ++i) {
       const int64_t row = hi.row0 + i;
       if (a.last_state) std::memcpy(a.last_state + row * NS, H + i * NS, NS * sizeof(float));
-      skip_and_gate(a, row_info(a, row), row, a.u + u_offset(a, hi, i), a.out + row * L);
+      skip_and_gate(a, row_info(a, row), a.u + u_offset(a, hi, i), nullptr, a.add ? a.add + row * L : nullptr,
+                    a.out + row * L);
     }
   }
 }
@@ -1053,7 +1110,7 @@ void with_state_size(int64_t n, F&& f) {
 
 extern "C" {
 
-int ssmdiff_scan_abi_version() { return 5; }
+int ssmdiff_scan_abi_version() { return 6; }
 
 void ssmdiff_transpose(const TransposeArgs* a) {
   const int64_t units = a->batch * ((a->rows + 15) / 16);

@@ -31,7 +31,7 @@ import torch
 
 CHUNK = 64
 _SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "selective_scan_cpu.cpp"
-_ABI_VERSION = 5
+_ABI_VERSION = 6
 # -ffast-math only when compiling: linking with it would add crtfastmath.o, which flips the whole process into
 # flush-to-zero mode on load (the kernel flushes denormals only inside its own threads).
 _COMPILE_FLAGS = ["-O3", "-march=native", "-ffast-math", "-fPIC", "-std=c++17"]
@@ -53,7 +53,12 @@ class _ScanArgs(ctypes.Structure):
         + [(name, ctypes.c_void_p) for name in
            ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "add", "out", "last_state", "chunk_states", "dout",
             "du", "ddelta", "dz", "dA_rows", "dD_rows", "dbias_rows", "dB_threads", "dC_threads")]
+        + [("bf16_io", ctypes.c_int64)]
     )
+
+
+# Bits of _ScanArgs.bf16_io: which row tensors the kernel reads or writes as bfloat16 (see the C++ ScanArgs).
+_BF16_BITS = {"u": 1, "delta": 2, "z": 4, "add": 8, "out": 16, "dout": 32, "du": 64, "ddelta": 128, "dz": 256}
 
 
 class _ConvSiluArgs(ctypes.Structure):
@@ -210,13 +215,43 @@ def _args(u, delta, A, Bt, Ct, D, z, delta_bias, softplus, reverse, head_dim: in
     return a
 
 
-def _forward(u, delta, A, Bt, Ct, D, z, delta_bias, softplus, reverse, keep_states: bool, add=None, head_dim=0):
+def _bf16_rows_ok(dstate: int) -> bool:
+    """Whether the kernel reads and writes bfloat16 rows itself: its vector Mamba-1 path (state sizes that are a
+    multiple of 8, up to 64). Elsewhere bf16 tensors are converted to float32 whole, as other dtypes are."""
+    return dstate in (8, 16, 32, 64)
+
+
+class _RowIO:
+    """The row tensors of one kernel call: each as the kernel gets it (bfloat16 as is where the kernel converts rows
+    itself, else float32 contiguous), with the bits that tell it which are bfloat16."""
+
+    def __init__(self, enabled: bool):
+        self.enabled, self.bits = enabled, 0
+
+    def input(self, name: str, t: torch.Tensor | None) -> torch.Tensor | None:
+        if t is not None and self.enabled and t.dtype == torch.bfloat16:
+            self.bits |= _BF16_BITS[name]
+            return t.detach().contiguous()
+        return _f32(t)
+
+    def output(self, name: str, shape, dtype: torch.dtype) -> torch.Tensor:
+        """An empty output the kernel writes: bfloat16 when the result is wanted in bf16 and rows can be, else
+        float32 (converted by the caller)."""
+        if self.enabled and dtype == torch.bfloat16:
+            self.bits |= _BF16_BITS[name]
+            return torch.empty(shape, dtype=torch.bfloat16)
+        return torch.empty(shape, dtype=torch.float32)
+
+
+def _forward(u, delta, A, Bt, Ct, D, z, delta_bias, softplus, reverse, keep_states: bool, add=None, head_dim=0,
+             io: _RowIO | None = None, out_dtype: torch.dtype = torch.float32):
     b, d, length = u.shape
     n = Bt.shape[-1]
-    out = torch.empty((b, d, length), dtype=torch.float32)
+    out = io.output("out", (b, d, length), out_dtype) if io else torch.empty((b, d, length), dtype=torch.float32)
     last = torch.empty((b, d, n), dtype=torch.float32)
     states = torch.empty((b, d, -(-length // CHUNK), n), dtype=torch.float32) if keep_states else None
     a = _args(u, delta, A, Bt, Ct, D, z, delta_bias, softplus, reverse, head_dim)
+    a.bf16_io = io.bits if io else 0
     a.add = _ptr(add)
     a.out, a.last_state, a.chunk_states = _ptr(out), _ptr(last), _ptr(states)
     _lib.ssmdiff_scan_forward(ctypes.byref(a))
@@ -236,10 +271,6 @@ def _thread_sum(buf: torch.Tensor) -> torch.Tensor:
     return buf.sum(0) if buf.shape[0] > 1 else buf[0]
 
 
-def _inputs_f32(u, delta, A, B, C, D, z, delta_bias):
-    return (_f32(u), _f32(delta), _f32(A), _state_last(B), _state_last(C), _f32(D), _f32(z), _f32(delta_bias))
-
-
 # The kernels are registered as torch custom ops (forward and backward ops plus an autograd formula), so that
 # torch.compile sees each call as one opaque op with known output shapes instead of breaking the graph at ctypes.
 _EMPTY = (0,)
@@ -254,10 +285,13 @@ def _scan_fwd(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Te
               D: Optional[torch.Tensor], z: Optional[torch.Tensor], delta_bias: Optional[torch.Tensor],
               add: Optional[torch.Tensor], softplus: bool, reverse: bool,
               keep: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(out in u's dtype, last state (b, d, n) float32, chunk states for the backward or an empty tensor)."""
-    f = _inputs_f32(u, delta, A, B, C, D, z, delta_bias)
-    out, last, states = _forward(*f, softplus, reverse, keep_states=keep, add=_f32(add))
-    return out.to(u.dtype), last, states if keep else out.new_empty(_EMPTY)
+    """(out in u's dtype, last state (b, d, n) float32, chunk states for the backward or an empty tensor).
+    bfloat16 u, delta, z, add and out are converted row by row inside the kernel (``_RowIO``)."""
+    io = _RowIO(_bf16_rows_ok(A.shape[1]))
+    out, last, states = _forward(io.input("u", u), io.input("delta", delta), _f32(A), _state_last(B), _state_last(C),
+                                 _f32(D), io.input("z", z), _f32(delta_bias), softplus, reverse, keep_states=keep,
+                                 add=io.input("add", add), io=io, out_dtype=u.dtype)
+    return out.to(u.dtype), last, states if keep else last.new_empty(_EMPTY)
 
 
 @_scan_fwd.register_fake
@@ -276,16 +310,19 @@ def _scan_bwd(dout: torch.Tensor, u: torch.Tensor, delta: torch.Tensor, A: torch
               reverse: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                       torch.Tensor, torch.Tensor, torch.Tensor]:
     """(du, ddelta, dA, dB, dC, dD, dz, ddelta_bias) in their inputs' dtypes; empty for an absent input."""
-    f = _inputs_f32(u, delta, A, B, C, D, z, delta_bias)
     b, d, length = u.shape
     n = A.shape[1]
-    dout = _f32(dout)
-    du, ddelta = torch.empty_like(f[0]), torch.empty_like(f[0])
-    dz = torch.empty_like(f[0]) if z is not None else None
+    io = _RowIO(_bf16_rows_ok(n))
+    f = (io.input("u", u), io.input("delta", delta), _f32(A), _state_last(B), _state_last(C), _f32(D),
+         io.input("z", z), _f32(delta_bias))
+    dout = io.input("dout", dout)
+    du, ddelta = io.output("du", (b, d, length), u.dtype), io.output("ddelta", (b, d, length), delta.dtype)
+    dz = io.output("dz", (b, d, length), z.dtype) if z is not None else None
     dA_rows = torch.empty((b, d, n), dtype=torch.float32)
     dD_rows = torch.empty((b, d), dtype=torch.float32)
     dbias_rows = torch.empty((b, d), dtype=torch.float32)
     a = _args(*f, softplus, reverse)
+    a.bf16_io = io.bits
     dB_thr, dC_thr = _thread_accumulators(a)
     a.chunk_states, a.dout = _ptr(states), _ptr(dout)
     a.du, a.ddelta, a.dz = _ptr(du), _ptr(ddelta), _ptr(dz)
