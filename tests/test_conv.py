@@ -160,6 +160,29 @@ def test_conv_silu_bf16_input_and_errors():
         conv_silu(x, [(w, b, False), (torch.randn(8, 1, 3), None, True)])
 
 
+@needs_kernel
+def test_conv_silu_bf16_rows_equal_whole_tensor_conversion():
+    """bf16 x, outputs, output gradients and dx are converted row by row inside the kernel (exact widening,
+    round-to-nearest-even narrowing): bit for bit what converting whole tensors around the float32 kernel gives;
+    output gradients in float32 next to a bf16 x take the mixed path."""
+    from ssmdiff.ssm.ops import _scan_cpu
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 24, 301, generator=g).bfloat16()
+    w0, w1 = torch.randn(24, 1, 4, generator=g) * 0.5, torch.randn(24, 1, 4, generator=g) * 0.5
+    b0 = torch.randn(24, generator=g) * 0.5
+    g0, g1 = (torch.randn(2, 24, 301, generator=g).bfloat16() for _ in range(2))
+    y0, y1 = _scan_cpu._conv_fwd(x, w0, b0, w1, None, False, True)
+    r0, r1 = _scan_cpu._conv_fwd(x.float(), w0, b0, w1, None, False, True)
+    assert y0.dtype == torch.bfloat16 and torch.equal(y0, r0.bfloat16()) and torch.equal(y1, r1.bfloat16())
+    for grads in ((g0, g1), (g0.float(), g1.float())):
+        got = _scan_cpu._conv_bwd(*grads, x, w0, b0, w1, None, False, True)
+        ref = _scan_cpu._conv_bwd(g0.float(), g1.float(), x.float(), w0, b0, w1, None, False, True)
+        assert got[0].dtype == torch.bfloat16 and torch.equal(got[0], ref[0].bfloat16())
+        for a, b in zip(got[1:], ref[1:]):
+            assert torch.equal(a, b)
+
+
 def test_conv_silu_meta_records_the_conv_flops():
     from ssmdiff.ssm.modules.conv import conv_silu
 

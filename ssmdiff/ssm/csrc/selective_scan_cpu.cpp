@@ -59,6 +59,8 @@ struct ScanArgs {
   int64_t bf16_io;
 };
 
+enum : int64_t { CONV_BF16_X = 1, CONV_BF16_OUT = 2, CONV_BF16_GOUT = 4, CONV_BF16_DX = 8 };
+
 enum : int64_t {
   BF16_U = 1, BF16_DELTA = 2, BF16_Z = 4, BF16_ADD = 8, BF16_OUT = 16, BF16_DOUT = 32, BF16_DU = 64,
   BF16_DDELTA = 128, BF16_DZ = 256
@@ -90,6 +92,7 @@ struct ConvSiluArgs {
   float* dx;
   float* dw_rows[2];
   float* db_rows[2];
+  int64_t bf16_io;  // CONV_BF16_* bits: x, the outputs, the output gradients or dx are bfloat16 (rows converted here)
 };
 }
 
@@ -978,35 +981,45 @@ inline void conv_row(const float* x, const float* w, float b, int64_t L, int64_t
   }
 }
 
+// Row `row` of a float32 or (when `bf16`) bfloat16 (rows, L) tensor, widened into buf in the latter case.
+inline const float* conv_in_row(const float* base, bool bf16, int64_t row, int64_t L, float* buf) {
+  if (!bf16) return base + row * L;
+  bf16_to_f32(reinterpret_cast<const uint16_t*>(base) + row * L, buf, L);
+  return buf;
+}
+
 void conv_silu_forward_rows(const ConvSiluArgs& a, int64_t row0, int64_t row1) {
   const int64_t L = a.len, k = a.k;
-  std::vector<float> prebuf(L);
+  const bool bx = a.bf16_io & CONV_BF16_X, bo = a.bf16_io & CONV_BF16_OUT;
+  std::vector<float> prebuf(L), xbuf(bx ? L : 0), obuf(bo ? L : 0);
   float* pre = prebuf.data();
   for (int64_t row = row0; row < row1; ++row) {
     const int64_t d = row % a.dim;
-    const float* xr = a.x + row * L;
+    const float* xr = conv_in_row(a.x, bx, row, L, xbuf.data());
     for (int64_t j = 0; j < a.ndir; ++j) {
       conv_row(xr, a.w[j] + d * k, a.bias[j] ? a.bias[j][d] : 0.0f, L, k, a.reverse[j] != 0, pre);
-      float* o = a.out[j] + row * L;
+      float* o = bo ? obuf.data() : a.out[j] + row * L;
       for (int64_t t = 0; t < L; ++t) o[t] = pre[t] * sigmoid(pre[t]);
+      if (bo) f32_to_bf16(o, reinterpret_cast<uint16_t*>(a.out[j]) + row * L, L);
     }
   }
 }
 
 void conv_silu_backward_rows(const ConvSiluArgs& a, int64_t row0, int64_t row1) {
   const int64_t L = a.len, k = a.k;
-  std::vector<float> prebuf(L);
+  const bool bx = a.bf16_io & CONV_BF16_X, bg = a.bf16_io & CONV_BF16_GOUT, bd = a.bf16_io & CONV_BF16_DX;
+  std::vector<float> prebuf(L), xbuf(bx ? L : 0), gbuf(bg ? L : 0), dxbuf(bd ? L : 0);
   float* gp = prebuf.data();  // pre-activation, then in place its gradient
   for (int64_t row = row0; row < row1; ++row) {
     const int64_t d = row % a.dim;
-    const float* xr = a.x + row * L;
-    float* dxr = a.dx + row * L;
+    const float* xr = conv_in_row(a.x, bx, row, L, xbuf.data());
+    float* dxr = bd ? dxbuf.data() : a.dx + row * L;
     for (int64_t t = 0; t < L; ++t) dxr[t] = 0.0f;
     for (int64_t j = 0; j < a.ndir; ++j) {
       const float* w = a.w[j] + d * k;
       const bool rev = a.reverse[j] != 0;
       conv_row(xr, w, a.bias[j] ? a.bias[j][d] : 0.0f, L, k, rev, gp);
-      const float* g0 = a.gout[j] + row * L;
+      const float* g0 = conv_in_row(a.gout[j], bg, row, L, gbuf.data());
       float db = 0.0f;
       for (int64_t t = 0; t < L; ++t) {
         const float p = gp[t], sg = sigmoid(p);
@@ -1028,6 +1041,7 @@ void conv_silu_backward_rows(const ConvSiluArgs& a, int64_t row0, int64_t row1) 
         dw[i] = acc;
       }
     }
+    if (bd) f32_to_bf16(dxr, reinterpret_cast<uint16_t*>(a.dx) + row * L, L);
   }
 }
 
@@ -1110,7 +1124,7 @@ void with_state_size(int64_t n, F&& f) {
 
 extern "C" {
 
-int ssmdiff_scan_abi_version() { return 6; }
+int ssmdiff_scan_abi_version() { return 7; }
 
 void ssmdiff_transpose(const TransposeArgs* a) {
   const int64_t units = a->batch * ((a->rows + 15) / 16);

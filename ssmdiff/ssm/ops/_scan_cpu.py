@@ -31,7 +31,7 @@ import torch
 
 CHUNK = 64
 _SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "selective_scan_cpu.cpp"
-_ABI_VERSION = 6
+_ABI_VERSION = 7
 # -ffast-math only when compiling: linking with it would add crtfastmath.o, which flips the whole process into
 # flush-to-zero mode on load (the kernel flushes denormals only inside its own threads).
 _COMPILE_FLAGS = ["-O3", "-march=native", "-ffast-math", "-fPIC", "-std=c++17"]
@@ -66,8 +66,13 @@ class _ConvSiluArgs(ctypes.Structure):
         [(name, ctypes.c_int64) for name in ("batch", "dim", "len", "k", "ndir", "nthreads")]
         + [("reverse", ctypes.c_int64 * 2), ("x", ctypes.c_void_p), ("w", ctypes.c_void_p * 2),
            ("bias", ctypes.c_void_p * 2), ("out", ctypes.c_void_p * 2), ("gout", ctypes.c_void_p * 2),
-           ("dx", ctypes.c_void_p), ("dw_rows", ctypes.c_void_p * 2), ("db_rows", ctypes.c_void_p * 2)]
+           ("dx", ctypes.c_void_p), ("dw_rows", ctypes.c_void_p * 2), ("db_rows", ctypes.c_void_p * 2),
+           ("bf16_io", ctypes.c_int64)]
     )
+
+
+# Bits of _ConvSiluArgs.bf16_io: x, the outputs, the output gradients, dx held as bfloat16 (rows converted inside).
+_CONV_BF16_X, _CONV_BF16_OUT, _CONV_BF16_GOUT, _CONV_BF16_DX = 1, 2, 4, 8
 
 
 class _TransposeArgs(ctypes.Structure):
@@ -531,8 +536,10 @@ def ssd_scan_cpu(x, dt, A, B, C, D=None, dt_bias=None, dt_softplus=False, revers
 # ------------------------------------------------------------------------------------ depthwise conv + SiLU
 
 def _conv_inputs(x: torch.Tensor, params):
-    """float32 contiguous x, (channels, k) weights and biases from (w0, b0[, w1, b1]) for the kernel."""
-    return _f32(x), [_f32(w.reshape(w.shape[0], -1)) for w in params[0::2]], [_f32(b) for b in params[1::2]]
+    """x for the kernel (bfloat16 kept as is: the kernel widens its rows; anything else float32 contiguous),
+    (channels, k) float32 weights and biases from (w0, b0[, w1, b1])."""
+    xk = x.detach().contiguous() if x.dtype == torch.bfloat16 else _f32(x)
+    return xk, [_f32(w.reshape(w.shape[0], -1)) for w in params[0::2]], [_f32(b) for b in params[1::2]]
 
 
 def _conv_args(x: torch.Tensor, weights, biases, reverses) -> _ConvSiluArgs:
@@ -553,8 +560,10 @@ def _conv_fwd(x: torch.Tensor, w0: torch.Tensor, b0: Optional[torch.Tensor], w1:
     sharing x, in one pass over x; outputs in x's dtype (computed in float32)."""
     params = [w0, b0] + ([w1, b1] if w1 is not None else [])
     xf, weights, biases = _conv_inputs(x, params)
-    outs = [torch.empty_like(xf) for _ in weights]
+    outs = [torch.empty_like(xf) for _ in weights]  # bfloat16 rows narrowed in the kernel, else float32
     a = _conv_args(xf, weights, biases, (rev0, rev1)[:len(weights)])
+    if xf.dtype == torch.bfloat16:
+        a.bf16_io = _CONV_BF16_X | _CONV_BF16_OUT
     for j, o in enumerate(outs):
         a.out[j] = _ptr(o)
     _lib.ssmdiff_conv_silu_forward(ctypes.byref(a))
@@ -577,9 +586,14 @@ def _conv_bwd(g0: torch.Tensor, g1: torch.Tensor, x: torch.Tensor, w0: torch.Ten
     xf, weights, biases = _conv_inputs(x, params)
     b, d, length = xf.shape
     k = weights[0].shape[-1]
-    grads = [_f32(g) for g in (g0, g1)[:len(weights)]]
+    grads = [g.detach() for g in (g0, g1)[:len(weights)]]
+    bf16_grads = all(g.dtype == torch.bfloat16 for g in grads)
+    grads = [g.contiguous() if bf16_grads else _f32(g) for g in grads]
     a = _conv_args(xf, weights, biases, (rev0, rev1)[:len(weights)])
-    dx = torch.empty_like(xf)
+    dx = torch.empty_like(xf)  # bfloat16 exactly when x is
+    a.bf16_io = (_CONV_BF16_X | _CONV_BF16_DX) if xf.dtype == torch.bfloat16 else 0
+    if bf16_grads:
+        a.bf16_io |= _CONV_BF16_GOUT
     dws = [torch.empty((b, d, k), dtype=torch.float32) for _ in weights]
     dbs = [torch.empty((b, d), dtype=torch.float32) if bias is not None else None for bias in biases]
     a.dx = _ptr(dx)
