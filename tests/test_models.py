@@ -425,6 +425,42 @@ def test_drop_path_override_and_no_weight_decay(name):
         assert "pos_embed" in exempt and any(n.endswith("A_log") for n in exempt)
 
 
+def test_drop_path_statistics_state_and_one_compiled_graph_for_all_rates():
+    """Stochastic depth zeroes whole samples with probability p and rescales the rest by 1/(1-p); its keep
+    probability is a non-persistent buffer (checkpoints unchanged) that torch.compile does not specialise on, so
+    blocks with different rates share one compiled graph."""
+    from ssmdiff.models.layers import DropPath
+
+    torch.manual_seed(0)
+    dp = DropPath(0.3).train()
+    out = dp(torch.ones(20000, 3))
+    kept = out[:, 0] != 0
+    assert abs(kept.float().mean().item() - 0.7) < 0.02
+    assert torch.allclose(out[kept], torch.full_like(out[kept], 1 / 0.7))
+    assert torch.equal(out[~kept], torch.zeros_like(out[~kept]))
+    assert dict(dp.state_dict()) == {} and dp.eval()(out) is out
+    assert DropPath(0.0).train()(out) is out
+    dp.p = 0.0  # setting the rate later (as a fine-tune or a test may) takes effect
+    assert dp.train()(out) is out and dp.keep.item() == 1.0
+
+    from torch import _dynamo
+
+    _dynamo.reset()
+    frames = []
+
+    def backend(gm, example_inputs):
+        frames.append(gm)
+        return gm.forward
+
+    layers = [DropPath(p).train() for p in (0.05, 0.1, 0.15, 0.2)]
+    fn = torch.compile(lambda m, x: m(x) * 2, backend=backend)
+    x = torch.randn(4, 8)
+    for m in layers:
+        fn(m, x)
+    assert len(frames) == 1, f"{len(frames)} graphs for {len(layers)} rates"
+    _dynamo.reset()
+
+
 def test_every_family_compiles_as_one_graph_in_a_fresh_process():
     """torch.compile(fullgraph=True) fails on any graph break. Run in a fresh process so that the CPU kernels are
     first loaded while Dynamo traces (their build lock is untraceable; availability is a trace-time constant)."""
