@@ -23,6 +23,7 @@ The reference runs only where its estimated time (from the previous length) stay
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import statistics
 import subprocess
@@ -178,8 +179,6 @@ def main(argv=None) -> int:
     backend = resolve_backend(torch.device("cpu"))
     print(f"selective scan: batch {args.batch}, channels {args.dim}, state {args.state}, {args.threads} threads, "
           f"ssmdiff backend '{backend}'; fwd = no-grad forward, fwd+bwd = forward + backward of all inputs")
-    import importlib.util
-
     impls = list(IMPLS)
     if importlib.util.find_spec("mambapy") is None:
         impls.remove("mambapy")

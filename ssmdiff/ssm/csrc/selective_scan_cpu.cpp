@@ -487,23 +487,23 @@ inline void f32_to_bf16(const float* src, uint16_t* dst, int64_t n) {
   }
 }
 
-// Row `row` of a (rows, L) input that is float32, or bfloat16 when `bit` is set in bf16_io (then widened into buf).
-inline const float* in_row(const ScanArgs& a, const float* base, int64_t bit, int64_t row, float* buf) {
+// Row `row` of a (rows, L) input (null stays null) that is float32, or bfloat16 when `bf16` (then widened into buf).
+// The scan and conv kernels pass `bf16_io & bit` of their args.
+inline const float* in_row(const float* base, bool bf16, int64_t row, int64_t L, float* buf) {
   if (!base) return nullptr;
-  const int64_t L = a.len;
-  if (!(a.bf16_io & bit)) return base + row * L;
+  if (!bf16) return base + row * L;
   bf16_to_f32(reinterpret_cast<const uint16_t*>(base) + row * L, buf, L);
   return buf;
 }
 
 // Where a row of an output is written: in place for float32, or into buf, narrowed by out_row_done.
-inline float* out_row(const ScanArgs& a, float* base, int64_t bit, int64_t row, float* buf) {
+inline float* out_row(float* base, bool bf16, int64_t row, int64_t L, float* buf) {
   if (!base) return nullptr;
-  return (a.bf16_io & bit) ? buf : base + row * a.len;
+  return bf16 ? buf : base + row * L;
 }
 
-inline void out_row_done(const ScanArgs& a, float* base, int64_t bit, int64_t row, const float* buf) {
-  if (base && (a.bf16_io & bit)) f32_to_bf16(buf, reinterpret_cast<uint16_t*>(base) + row * a.len, a.len);
+inline void out_row_done(float* base, bool bf16, int64_t row, int64_t L, const float* buf) {
+  if (base && bf16) f32_to_bf16(buf, reinterpret_cast<uint16_t*>(base) + row * L, L);
 }
 
 template <int NS>
@@ -520,11 +520,11 @@ void forward_rows_vec(const ScanArgs& a, int64_t row0, int64_t row1) {
   float* sb = stage.data();
   for (int64_t row = row0; row < row1; ++row) {
     const RowInfo ri = row_info(a, row);
-    const float* urow = in_row(a, a.u, BF16_U, row, sb);
-    const float* drow = in_row(a, a.delta, BF16_DELTA, row, sb + L);
-    const float* zrow = in_row(a, a.z, BF16_Z, row, sb + 2 * L);
-    const float* addrow = in_row(a, a.add, BF16_ADD, row, sb + 3 * L);
-    float* orow = out_row(a, a.out, BF16_OUT, row, sb + 4 * L);
+    const float* urow = in_row(a.u, a.bf16_io & BF16_U, row, L, sb);
+    const float* drow = in_row(a.delta, a.bf16_io & BF16_DELTA, row, L, sb + L);
+    const float* zrow = in_row(a.z, a.bf16_io & BF16_Z, row, L, sb + 2 * L);
+    const float* addrow = in_row(a.add, a.bf16_io & BF16_ADD, row, L, sb + 3 * L);
+    float* orow = out_row(a.out, a.bf16_io & BF16_OUT, row, L, sb + 4 * L);
     const float* Bg = a.B + (ri.b * a.groups + ri.grp) * L * NS;
     const float* Cg = a.C + (ri.b * a.groups + ri.grp) * L * NS;
     float* cs = a.chunk_states ? a.chunk_states + row * nchunks * NS : nullptr;
@@ -566,7 +566,7 @@ void forward_rows_vec(const ScanArgs& a, int64_t row0, int64_t row1) {
     if (a.last_state)
       for (int j = 0; j < NV; ++j) store(a.last_state + row * NS + j * VW, h[j]);
     skip_and_gate_vec(a, ri, urow, zrow, addrow, orow);
-    out_row_done(a, a.out, BF16_OUT, row, orow);
+    out_row_done(a.out, a.bf16_io & BF16_OUT, row, L, orow);
   }
 }
 
@@ -590,17 +590,17 @@ void backward_rows_vec(const ScanArgs& a, int64_t row0, int64_t row1, int64_t ti
   float* sb = stage.data();
   for (int64_t row = row0; row < row1; ++row) {
     const RowInfo ri = row_info(a, row);
-    const float* urow = in_row(a, a.u, BF16_U, row, sb);
-    const float* gout = in_row(a, a.dout, BF16_DOUT, row, sb + L);
+    const float* urow = in_row(a.u, a.bf16_io & BF16_U, row, L, sb);
+    const float* gout = in_row(a.dout, a.bf16_io & BF16_DOUT, row, L, sb + L);
     const int64_t bc_off = (ri.b * a.groups + ri.grp) * L * NS;
     const float *Bg = a.B + bc_off, *Cg = a.C + bc_off;
     float *dBg = dBthr + bc_off, *dCg = dCthr + bc_off;
     const float* cs = a.chunk_states + row * nchunks * NS;
-    float* durow = out_row(a, a.du, BF16_DU, row, sb + 2 * L);
+    float* durow = out_row(a.du, a.bf16_io & BF16_DU, row, L, sb + 2 * L);
     const float Dd = a.D ? a.D[ri.d] : 0.0f;
-    const float* drow = in_row(a, a.delta, BF16_DELTA, row, sb + 3 * L);
+    const float* drow = in_row(a.delta, a.bf16_io & BF16_DELTA, row, L, sb + 3 * L);
     const float bias = a.delta_bias ? a.delta_bias[ri.d] : 0.0f;
-    const float* zrow = in_row(a, a.z, BF16_Z, row, sb + 4 * L);
+    const float* zrow = in_row(a.z, a.bf16_io & BF16_Z, row, L, sb + 4 * L);
     // One pass over the row's inputs: delta after bias (and softplus, keeping its derivative for ddelta), the
     // scan input x = delta u, and the gradient reaching the scan output, g = dout silu(z), with
     // zf = dout silu'(z), which times (y + D u) gives dz. Per-position work (this, the epilogue and the per-chunk
@@ -695,8 +695,8 @@ void backward_rows_vec(const ScanArgs& a, int64_t row0, int64_t row1, int64_t ti
       if (zrow) reduce_steps(ybuf.data(), s1 - s0, s0, L, a.reverse, ys.data());
     }
     // One pass for the per-position gradients: du, ddelta (through softplus), dz, and the sums for dD and the bias.
-    float* ddrow = out_row(a, a.ddelta, BF16_DDELTA, row, sb + 5 * L);
-    float* dzrow = zrow ? out_row(a, a.dz, BF16_DZ, row, sb + 6 * L) : nullptr;
+    float* ddrow = out_row(a.ddelta, a.bf16_io & BF16_DDELTA, row, L, sb + 5 * L);
+    float* dzrow = zrow ? out_row(a.dz, a.bf16_io & BF16_DZ, row, L, sb + 6 * L) : nullptr;
     vf dDv{}, dbv{};
     int64_t i = 0;
     for (; i + VW <= L; i += VW) {
@@ -719,9 +719,9 @@ void backward_rows_vec(const ScanArgs& a, int64_t row0, int64_t row1, int64_t ti
       dDacc += g[i] * urow[i];
       if (dzrow) dzrow[i] = zf[i] * (ys[i] + Dd * urow[i]);
     }
-    out_row_done(a, a.du, BF16_DU, row, durow);
-    out_row_done(a, a.ddelta, BF16_DDELTA, row, ddrow);
-    if (dzrow) out_row_done(a, a.dz, BF16_DZ, row, dzrow);
+    out_row_done(a.du, a.bf16_io & BF16_DU, row, L, durow);
+    out_row_done(a.ddelta, a.bf16_io & BF16_DDELTA, row, L, ddrow);
+    if (dzrow) out_row_done(a.dz, a.bf16_io & BF16_DZ, row, L, dzrow);
     for (int j = 0; j < NV; ++j) store(a.dA_rows + row * NS + j * VW, dAacc[j]);
     a.dD_rows[row] = dDacc;
     a.dbias_rows[row] = dbias;
@@ -981,13 +981,6 @@ inline void conv_row(const float* x, const float* w, float b, int64_t L, int64_t
   }
 }
 
-// Row `row` of a float32 or (when `bf16`) bfloat16 (rows, L) tensor, widened into buf in the latter case.
-inline const float* conv_in_row(const float* base, bool bf16, int64_t row, int64_t L, float* buf) {
-  if (!bf16) return base + row * L;
-  bf16_to_f32(reinterpret_cast<const uint16_t*>(base) + row * L, buf, L);
-  return buf;
-}
-
 void conv_silu_forward_rows(const ConvSiluArgs& a, int64_t row0, int64_t row1) {
   const int64_t L = a.len, k = a.k;
   const bool bx = a.bf16_io & CONV_BF16_X, bo = a.bf16_io & CONV_BF16_OUT;
@@ -995,12 +988,12 @@ void conv_silu_forward_rows(const ConvSiluArgs& a, int64_t row0, int64_t row1) {
   float* pre = prebuf.data();
   for (int64_t row = row0; row < row1; ++row) {
     const int64_t d = row % a.dim;
-    const float* xr = conv_in_row(a.x, bx, row, L, xbuf.data());
+    const float* xr = in_row(a.x, bx, row, L, xbuf.data());
     for (int64_t j = 0; j < a.ndir; ++j) {
       conv_row(xr, a.w[j] + d * k, a.bias[j] ? a.bias[j][d] : 0.0f, L, k, a.reverse[j] != 0, pre);
-      float* o = bo ? obuf.data() : a.out[j] + row * L;
+      float* o = out_row(a.out[j], bo, row, L, obuf.data());
       for (int64_t t = 0; t < L; ++t) o[t] = pre[t] * sigmoid(pre[t]);
-      if (bo) f32_to_bf16(o, reinterpret_cast<uint16_t*>(a.out[j]) + row * L, L);
+      out_row_done(a.out[j], bo, row, L, o);
     }
   }
 }
@@ -1012,14 +1005,14 @@ void conv_silu_backward_rows(const ConvSiluArgs& a, int64_t row0, int64_t row1) 
   float* gp = prebuf.data();  // pre-activation, then in place its gradient
   for (int64_t row = row0; row < row1; ++row) {
     const int64_t d = row % a.dim;
-    const float* xr = conv_in_row(a.x, bx, row, L, xbuf.data());
-    float* dxr = bd ? dxbuf.data() : a.dx + row * L;
+    const float* xr = in_row(a.x, bx, row, L, xbuf.data());
+    float* dxr = out_row(a.dx, bd, row, L, dxbuf.data());
     for (int64_t t = 0; t < L; ++t) dxr[t] = 0.0f;
     for (int64_t j = 0; j < a.ndir; ++j) {
       const float* w = a.w[j] + d * k;
       const bool rev = a.reverse[j] != 0;
       conv_row(xr, w, a.bias[j] ? a.bias[j][d] : 0.0f, L, k, rev, gp);
-      const float* g0 = conv_in_row(a.gout[j], bg, row, L, gbuf.data());
+      const float* g0 = in_row(a.gout[j], bg, row, L, gbuf.data());
       float db = 0.0f;
       for (int64_t t = 0; t < L; ++t) {
         const float p = gp[t], sg = sigmoid(p);
@@ -1041,7 +1034,7 @@ void conv_silu_backward_rows(const ConvSiluArgs& a, int64_t row0, int64_t row1) 
         dw[i] = acc;
       }
     }
-    if (bd) f32_to_bf16(dxr, reinterpret_cast<uint16_t*>(a.dx) + row * L, L);
+    out_row_done(a.dx, bd, row, L, dxr);
   }
 }
 
