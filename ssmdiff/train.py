@@ -326,7 +326,8 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 def fused_adamw(device: torch.device, fsdp: bool = False) -> bool:
     """Whether AdamW takes its fused kernel (one pass over every parameter) on this device. On a CPU the default
     per-tensor loop costs ~10 small ops per parameter tensor: for DiS-S/2's 462 tensors an optimiser step took
-    221 ms that way against 18 ms fused (DiT-S/2, 132 tensors: 36 against 18). FSDP keeps the default path."""
+    43-89 ms that way against 19 ms fused (DiT-S/2, 132 tensors: 39-74 against 19; ``python benchmarks/step.py``).
+    FSDP keeps the default path."""
     try:  # private, but the list torch itself checks `fused=True` against
         from torch.optim.optimizer import _get_fused_kernels_supported_devices
         supported = _get_fused_kernels_supported_devices()

@@ -210,3 +210,29 @@ def test_table_warns_when_mfu_exceeds_100_percent(tiny_run):
     bad["rows"][0]["train_mfu"] = 1.3
     table = bench.format_table(bad)
     assert "warning: MFU above 100%" in table and bad["rows"][0]["model"] in table.split("warning:")[1]
+
+
+def test_step_breakdown_benchmark(capsys):
+    """benchmarks/step.py: a plain step and the same step split by op (each compiled kernel one op), and AdamW's
+    per-tensor loop against fused; bad sizes rejected."""
+    import importlib.util
+    from pathlib import Path
+
+    from ssmdiff.ssm.ops import _scan_cpu
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "step.py"
+    spec = importlib.util.spec_from_file_location("bench_step", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    plain, timed, ops = mod.step_breakdown("DiS-T/2", 16, 2, "fp32", warmup=1, num_classes=10)
+    assert plain > 0 and timed > 0
+    if _scan_cpu.available():
+        assert ops["selective_scan_fwd"][0] == ops["selective_scan_bwd"][0] > 0
+    assert any(k.startswith(("mm ", "addmm ", "bmm ")) and "float32" in k for k in ops)
+    assert mod.main(["--model", "DiT-T/2", "--tokens", "16", "--batch", "2", "--top", "3", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "training step" in out and "AdamW over" in out and "fused" in out
+    with pytest.raises(SystemExit):
+        mod.main(["--tokens", "0"])
+    with pytest.raises(SystemExit):
+        mod.main(["--tokens", "15"])
