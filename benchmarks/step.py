@@ -21,12 +21,10 @@ import collections
 import time
 
 import torch
-import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from ssmdiff.bench import default_batch, input_size_for
+from ssmdiff.bench import cpu_training_step, default_batch, input_size_for
 from ssmdiff.models import create_model
-from ssmdiff.train import fused_adamw
 from ssmdiff.utils.alloc import tune_cpu_allocator
 
 _PRODUCTS = ("mm", "addmm", "bmm", "baddbmm")
@@ -55,22 +53,7 @@ class _OpTimes(TorchDispatchMode):
 
 def step_breakdown(name: str, tokens: int, batch: int, dtype: str, warmup: int = 2, num_classes: int = 1000):
     """(plain step seconds, step seconds under the op timer, {op: (calls, seconds)})."""
-    torch.manual_seed(0)
-    size = input_size_for(name, tokens)
-    model = create_model(name, input_size=size, in_channels=4, num_classes=num_classes).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0, fused=fused_adamw(torch.device("cpu")))
-    x = torch.randn(batch, 4, size, size)
-    noise = torch.randn_like(x)
-    t = torch.randint(0, 1000, (batch,)).float()
-    y = torch.randint(0, num_classes, (batch,)) if num_classes > 0 else None
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
-            out = model(x, t, y)
-        F.mse_loss(out[:, :4].float(), noise).backward()
-        opt.step()
-
+    step, _ = cpu_training_step(name, tokens, dtype, batch=batch, num_classes=num_classes)
     for _ in range(warmup):
         step()
     t0 = time.perf_counter()

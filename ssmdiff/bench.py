@@ -829,32 +829,19 @@ def _category(op: str) -> str:
     return "elementwise/other"
 
 
-def profile_training_step(name: str = "DiS-S/2", tokens: int = 1024, dtype: str = "bf16", batch: int | None = None,
-                          num_classes: int = 1000, row_limit: int = 15, warmup: int = 1, threads: int | None = None,
-                          overrides: dict | None = None):
-    """torch.profiler over one training step (after ``warmup`` unprofiled steps) of ``name``, built with the
-    constructor ``overrides`` when given (e.g. {"mixer": "mamba2"}).
-
-    Returns (table, summary): torch's key-averages table sorted by self CPU time (top ``row_limit`` ops) and
-    {"step_s", "self_cpu_s_total", "categories": {category: self CPU seconds}, "top": [(op, self CPU s, calls)]}.
-    Categories are a rough grouping of aten op names (matmul, attention, scan, conv, copy/layout, optimizer, norm,
-    elementwise/other), to see at a glance where a step goes. ``summary["products"]`` lists the matrix products by
-    op and operand shapes: calls, self CPU seconds and the GFLOP/s they reached (``_product_rows``).
-    ``summary["plain_step_s"]`` is the same step timed without the profiler: on the 2-core CPU profiling took a
-    DiS-S/2 fp32 step at 1024 tokens from 6.1 to 11.0 s, most of it inside the compiled kernels and the backward's
-    products, so the shares are a rough guide, not a measurement of the unprofiled step.
-    """
+def cpu_training_step(name: str, tokens: int, dtype: str = "fp32", batch: int | None = None,
+                      num_classes: int = 1000, overrides: dict | None = None):
+    """(step, batch): one CPU optimisation step of ``name`` at ``tokens`` tokens as a closure (forward under the
+    dtype's autocast, MSE loss, backward, fused AdamW), on fixed random data; seeded, so repeatable. Shared by
+    ``--profile`` and ``benchmarks/step.py``."""
     import torch
     import torch.nn.functional as F
-    from torch.profiler import ProfilerActivity, profile
 
     from .models import create_model
     from .train import fused_adamw
 
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}: choose from {', '.join(DTYPES)}")
-    if threads:
-        torch.set_num_threads(threads)
     torch.manual_seed(0)
     size = input_size_for(name, tokens)
     b = batch or default_batch(tokens)
@@ -874,6 +861,30 @@ def profile_training_step(name: str = "DiS-S/2", tokens: int = 1024, dtype: str 
         F.mse_loss(out[:, :4].float(), noise).backward()
         opt.step()
 
+    return step, b
+
+
+def profile_training_step(name: str = "DiS-S/2", tokens: int = 1024, dtype: str = "bf16", batch: int | None = None,
+                          num_classes: int = 1000, row_limit: int = 15, warmup: int = 1, threads: int | None = None,
+                          overrides: dict | None = None):
+    """torch.profiler over one training step (after ``warmup`` unprofiled steps) of ``name``, built with the
+    constructor ``overrides`` when given (e.g. {"mixer": "mamba2"}).
+
+    Returns (table, summary): torch's key-averages table sorted by self CPU time (top ``row_limit`` ops) and
+    {"step_s", "self_cpu_s_total", "categories": {category: self CPU seconds}, "top": [(op, self CPU s, calls)]}.
+    Categories are a rough grouping of aten op names (matmul, attention, scan, conv, copy/layout, optimizer, norm,
+    elementwise/other), to see at a glance where a step goes. ``summary["products"]`` lists the matrix products by
+    op and operand shapes: calls, self CPU seconds and the GFLOP/s they reached (``_product_rows``).
+    ``summary["plain_step_s"]`` is the same step timed without the profiler: on the 2-core CPU profiling took a
+    DiS-S/2 fp32 step at 1024 tokens from 6.1 to 11.0 s, most of it inside the compiled kernels and the backward's
+    products, so the shares are a rough guide, not a measurement of the unprofiled step.
+    """
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    if threads:
+        torch.set_num_threads(threads)
+    step, b = cpu_training_step(name, tokens, dtype, batch=batch, num_classes=num_classes, overrides=overrides)
     for _ in range(warmup):
         step()
     t0 = time.perf_counter()
