@@ -393,7 +393,25 @@ inline vi round_to_int(vf x) {
 #endif
 }
 
+// The polynomial for 2^f, f in [-0.5, 0.5], shared by both vector widths.
+template <typename V>
+inline V exp2_poly(V f) {
+  V p = V{} + 1.3266975292935967e-3f;
+  p = p * f + 9.67546459287405e-3f;
+  p = p * f + 5.550742521882057e-2f;
+  p = p * f + 2.4022121727466583e-1f;
+  p = p * f + 6.931469440460205e-1f;
+  return p * f + 1.0000001192092896f;
+}
+
 inline vf vexp2(vf x) {
+#if defined(__AVX512F__) && defined(__AVX512VL__)
+  // AVX-512: round in the float domain and scale by 2^k with vscalefps, which saturates to 0 or infinity by
+  // itself: three instructions fewer than the integer route below.
+  const __m256 k = _mm256_roundscale_ps(reinterpret_cast<__m256>(x), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const vf p = exp2_poly(x - reinterpret_cast<vf>(k));
+  return reinterpret_cast<vf>(_mm256_scalef_ps(reinterpret_cast<__m256>(p), k));
+#else
   // Round first, clamp the integer part: min/max on integer lanes keep the two multiply pipes free for the
   // polynomial. f stays in [-0.5, 0.5] for any |x| < 2^31, and k in [-126, 127] keeps 2^k a normal number.
   vi ki = round_to_int(x);
@@ -401,18 +419,16 @@ inline vf vexp2(vf x) {
   const vi lo = vi{} - 126, hi = vi{} + 127;
   ki = ki < lo ? lo : ki;
   ki = ki > hi ? hi : ki;
-  vf p = splat(1.3266975292935967e-3f);
-  p = p * f + 9.67546459287405e-3f;
-  p = p * f + 5.550742521882057e-2f;
-  p = p * f + 2.4022121727466583e-1f;
-  p = p * f + 6.931469440460205e-1f;
-  p = p * f + 1.0000001192092896f;
+  const vf p = exp2_poly(f);
   return reinterpret_cast<vf>(reinterpret_cast<vi>(p) + (ki << 23));
+#endif
 }
 
 inline vf vsigmoid(vf x) {
-  x = x < -100.0f ? splat(-100.0f) : x;
-  x = x > 100.0f ? splat(100.0f) : x;
+  // |x| <= 80 keeps exp's result finite (2^115 at most): an infinity would turn the reciprocal that -ffast-math
+  // may use for the division into NaN. sigmoid(-80) is 1.8e-35, as good as 0 here.
+  x = x < -80.0f ? splat(-80.0f) : x;
+  x = x > 80.0f ? splat(80.0f) : x;
   return 1.0f / (1.0f + vexp2(x * -kLog2e));
 }
 
@@ -442,6 +458,38 @@ inline vf vsoftplus(vf v) {
   vf unused;  // the derivative's division is dead code here and compiled away
   return vsoftplus_sig(v, unused);
 }
+
+// State vectors. The state of one row (NS floats) is held in vectors of type SV: vf, or with AVX-512 and NS a
+// multiple of 16, vw (16 floats, a whole state-16 row in one register). Zen 4 runs a 512-bit operation as two
+// 256-bit halves, so the wide type does not add arithmetic throughput; it halves the instructions that are not
+// arithmetic (loads, stores, the exp's rounding and scaling, loop overhead) and the per-step reductions.
+inline vf load_sv(const float* p, vf) { return load(p); }
+inline vf fold(vf v) { return v; }  // a state vector's lanes summed down to one vf (whose lanes hsum8 adds)
+#if defined(__AVX512F__) && defined(__AVX512VL__)
+#define SSMDIFF_WIDE_STATE 1
+typedef float vw __attribute__((vector_size(64)));
+typedef float vw_u __attribute__((vector_size(64), aligned(4)));
+inline vw load_sv(const float* p, vw) { return *reinterpret_cast<const vw_u*>(p); }
+inline void store(float* p, vw v) { *reinterpret_cast<vw_u*>(p) = v; }
+inline vf fold(vw v) {
+  return __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+         __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+}
+inline vw vexp2(vw x) {
+  const __m512 k = _mm512_roundscale_ps(reinterpret_cast<__m512>(x), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const vw p = exp2_poly(x - reinterpret_cast<vw>(k));
+  return reinterpret_cast<vw>(_mm512_scalef_ps(reinterpret_cast<__m512>(p), k));
+}
+#endif
+template <typename SV>
+constexpr int lanes() { return int(sizeof(SV) / sizeof(float)); }
+#if defined(SSMDIFF_WIDE_STATE)
+template <int NS>
+using state_vector = std::conditional_t<NS % 16 == 0, vw, vf>;
+#else
+template <int NS>
+using state_vector = vf;
+#endif
 
 // row_delta with whole vectors, the tail by row_delta (the forward's; the backward fuses its own pass).
 inline void row_delta_vec(const ScanArgs& a, const RowInfo& ri, const float* drow, float* dt) {
@@ -506,10 +554,10 @@ inline void out_row_done(float* base, bool bf16, int64_t row, int64_t L, const f
   if (base && bf16) f32_to_bf16(buf, reinterpret_cast<uint16_t*>(base) + row * L, L);
 }
 
-template <int NS>
+template <int NS, typename SV>
 void forward_rows_vec(const ScanArgs& a, int64_t row0, int64_t row1) {
-  static_assert(NS % VW == 0, "vector path needs a multiple of the vector width");
-  constexpr int NV = NS / VW;
+  constexpr int SW = lanes<SV>(), NV = NS / SW;
+  static_assert(NS % SW == 0 && SW % VW == 0, "vector path needs a multiple of the vector width");
   FlushDenormals ftz;
   const int64_t L = a.len, K = a.chunk;
   const int64_t nchunks = (L + K - 1) / K;
@@ -530,49 +578,49 @@ void forward_rows_vec(const ScanArgs& a, int64_t row0, int64_t row1) {
     float* cs = a.chunk_states ? a.chunk_states + row * nchunks * NS : nullptr;
     row_delta_vec(a, ri, drow, dt);
     for (int64_t i = 0; i < L; ++i) xs[i] = dt[i] * urow[i];
-    vf Av[NV], h[NV];
-    for (int j = 0; j < NV; ++j) Av[j] = load(a.A + ri.d * NS + j * VW) * kLog2e, h[j] = vf{};
+    SV Av[NV], h[NV];
+    for (int j = 0; j < NV; ++j) Av[j] = load_sv(a.A + ri.d * NS + j * SW, SV{}) * kLog2e, h[j] = SV{};
     const int64_t step = a.reverse ? -1 : 1;
     vf ybuf[VW];
     // Steps go in blocks of VW: first every decay and input of the block (independent of the state, so the exps'
     // long dependency chains overlap), then the recurrence itself, whose only chain is one FMA per step.
-    vf eb[VW][NV], xb[VW][NV];
+    SV eb[VW][NV], xb[VW][NV];
     int64_t next_cs = 0;
     for (int64_t s0 = 0; s0 < L; s0 += VW) {
       const int64_t cnt = std::min<int64_t>(VW, L - s0);
       const int64_t t0 = a.reverse ? L - 1 - s0 : s0;
       for (int64_t k = 0; k < cnt; ++k) {
         const int64_t t = t0 + k * step;
-        const vf dtv = splat(dt[t]), xv = splat(xs[t]);
+        const SV dtv = SV{} + dt[t], xv = SV{} + xs[t];
         const float* Bt = Bg + t * NS;
-        for (int j = 0; j < NV; ++j) eb[k][j] = vexp2(dtv * Av[j]), xb[k][j] = xv * load(Bt + j * VW);
+        for (int j = 0; j < NV; ++j) eb[k][j] = vexp2(dtv * Av[j]), xb[k][j] = xv * load_sv(Bt + j * SW, SV{});
       }
       for (int64_t k = 0; k < cnt; ++k) {
         const int64_t s = s0 + k, t = t0 + k * step;
         if (cs && s == next_cs) {
-          for (int j = 0; j < NV; ++j) store(cs + (s / K) * NS + j * VW, h[j]);
+          for (int j = 0; j < NV; ++j) store(cs + (s / K) * NS + j * SW, h[j]);
           next_cs += K;
         }
         const float* Ct = Cg + t * NS;
-        vf acc{};
+        SV acc{};
         for (int j = 0; j < NV; ++j) {
           h[j] = eb[k][j] * h[j] + xb[k][j];
-          acc += h[j] * load(Ct + j * VW);
+          acc += h[j] * load_sv(Ct + j * SW, SV{});
         }
-        ybuf[k] = acc;
+        ybuf[k] = fold(acc);
       }
       reduce_steps(ybuf, cnt, s0, L, a.reverse, orow);
     }
     if (a.last_state)
-      for (int j = 0; j < NV; ++j) store(a.last_state + row * NS + j * VW, h[j]);
+      for (int j = 0; j < NV; ++j) store(a.last_state + row * NS + j * SW, h[j]);
     skip_and_gate_vec(a, ri, urow, zrow, addrow, orow);
     out_row_done(a.out, a.bf16_io & BF16_OUT, row, L, orow);
   }
 }
 
-template <int NS>
+template <int NS, typename SV>
 void backward_rows_vec(const ScanArgs& a, int64_t row0, int64_t row1, int64_t tid) {
-  constexpr int NV = NS / VW;
+  constexpr int SW = lanes<SV>(), NV = NS / SW;
   FlushDenormals ftz;
   const int64_t L = a.len, K = a.chunk;
   const int64_t nchunks = (L + K - 1) / K;
@@ -641,25 +689,25 @@ void backward_rows_vec(const ScanArgs& a, int64_t row0, int64_t row1, int64_t ti
         }
       }
     }
-    vf Av[NV], dh[NV], dAacc[NV];
-    vf A2[NV];
+    SV Av[NV], dh[NV], dAacc[NV];
+    SV A2[NV];
     for (int j = 0; j < NV; ++j)
-      Av[j] = load(a.A + ri.d * NS + j * VW), A2[j] = Av[j] * kLog2e, dh[j] = vf{}, dAacc[j] = vf{};
+      Av[j] = load_sv(a.A + ri.d * NS + j * SW, SV{}), A2[j] = Av[j] * kLog2e, dh[j] = SV{}, dAacc[j] = SV{};
     for (int64_t c = nchunks - 1; c >= 0; --c) {
       const int64_t s0 = c * K, s1 = std::min(L, s0 + K);
-      vf h[NV];
-      for (int j = 0; j < NV; ++j) h[j] = load(cs + c * NS + j * VW), store(hs.data() + j * VW, h[j]);
+      SV h[NV];
+      for (int j = 0; j < NV; ++j) h[j] = load_sv(cs + c * NS + j * SW, SV{}), store(hs.data() + j * SW, h[j]);
       int64_t t = a.reverse ? L - 1 - s0 : s0;
       for (int64_t s = s0; s < s1; ++s, t += step) {
-        const vf dtv = splat(dt[t]), xv = splat(xs[t]);
+        const SV dtv = SV{} + dt[t], xv = SV{} + xs[t];
         const float* Bt = Bg + t * NS;
         float* hn = hs.data() + (s - s0 + 1) * NS;
         float* at = as.data() + (s - s0) * NS;
         for (int j = 0; j < NV; ++j) {
-          const vf e = vexp2(dtv * A2[j]);
-          store(at + j * VW, e);
-          h[j] = e * h[j] + xv * load(Bt + j * VW);
-          store(hn + j * VW, h[j]);
+          const SV e = vexp2(dtv * A2[j]);
+          store(at + j * SW, e);
+          h[j] = e * h[j] + xv * load_sv(Bt + j * SW, SV{});
+          store(hn + j * SW, h[j]);
         }
       }
       t = a.reverse ? L - s1 : s1 - 1;
@@ -670,26 +718,27 @@ void backward_rows_vec(const ScanArgs& a, int64_t row0, int64_t row1, int64_t ti
         const float* hn = hp + NS;
         const float* at = as.data() + (s - s0) * NS;
         if (zrow) {
-          vf yv{};
-          for (int j = 0; j < NV; ++j) yv += load(hn + j * VW) * load(Ct + j * VW);
-          ybuf[s - s0] = yv;
+          SV yv{};
+          for (int j = 0; j < NV; ++j) yv += load_sv(hn + j * SW, SV{}) * load_sv(Ct + j * SW, SV{});
+          ybuf[s - s0] = fold(yv);
         }
-        const vf gv = splat(g[t]), xv = splat(xs[t]), dtv = splat(dt[t]);
-        vf dxv{}, ddtv{};
+        const SV gv = SV{} + g[t], xv = SV{} + xs[t], dtv = SV{} + dt[t];
+        SV dxv{}, ddtv{};
         for (int j = 0; j < NV; ++j) {
-          const vf hnj = load(hn + j * VW), Cj = load(Ct + j * VW), Bj = load(Bt + j * VW);
-          const vf aj = load(at + j * VW), hpj = load(hp + j * VW);
-          store(dCt + j * VW, load(dCt + j * VW) + gv * hnj);
-          const vf dhi = dh[j] + gv * Cj;
-          store(dBt + j * VW, load(dBt + j * VW) + dhi * xv);
+          const int o = j * SW;
+          const SV hnj = load_sv(hn + o, SV{}), Cj = load_sv(Ct + o, SV{}), Bj = load_sv(Bt + o, SV{});
+          const SV aj = load_sv(at + o, SV{}), hpj = load_sv(hp + o, SV{});
+          store(dCt + o, load_sv(dCt + o, SV{}) + gv * hnj);
+          const SV dhi = dh[j] + gv * Cj;
+          store(dBt + o, load_sv(dBt + o, SV{}) + dhi * xv);
           dxv += dhi * Bj;
           dh[j] = dhi * aj;
-          const vf w = dh[j] * hpj;  // dhi * a * h_prev: the gradient of the exponent delta * A
+          const SV w = dh[j] * hpj;  // dhi * a * h_prev: the gradient of the exponent delta * A
           ddtv += w * Av[j];
           dAacc[j] += w * dtv;
         }
-        dxbuf[s - s0] = dxv;
-        dsbuf[s - s0] = ddtv;
+        dxbuf[s - s0] = fold(dxv);
+        dsbuf[s - s0] = fold(ddtv);
       }
       reduce_steps(dxbuf.data(), s1 - s0, s0, L, a.reverse, dxs.data());
       reduce_steps(dsbuf.data(), s1 - s0, s0, L, a.reverse, dss.data());
@@ -723,7 +772,7 @@ void backward_rows_vec(const ScanArgs& a, int64_t row0, int64_t row1, int64_t ti
     out_row_done(a.du, a.bf16_io & BF16_DU, row, L, durow);
     out_row_done(a.ddelta, a.bf16_io & BF16_DDELTA, row, L, ddrow);
     if (dzrow) out_row_done(a.dz, a.bf16_io & BF16_DZ, row, L, dzrow);
-    for (int j = 0; j < NV; ++j) store(a.dA_rows + row * NS + j * VW, dAacc[j]);
+    for (int j = 0; j < NV; ++j) store(a.dA_rows + row * NS + j * SW, dAacc[j]);
     a.dD_rows[row] = dDacc;
     a.dbias_rows[row] = dbias;
   }
@@ -952,7 +1001,7 @@ void sd_backward_impl(const ScanArgs& a) {
 template <int NS>
 void forward_impl(const ScanArgs& a) {
   parallel_rows(a, [&](int64_t r0, int64_t r1, int64_t) {
-    if constexpr (NS > 0 && NS % VW == 0) forward_rows_vec<NS>(a, r0, r1);
+    if constexpr (NS > 0 && NS % VW == 0) forward_rows_vec<NS, state_vector<NS>>(a, r0, r1);
     else forward_rows<NS>(a, r0, r1);
   });
 }
@@ -960,7 +1009,7 @@ void forward_impl(const ScanArgs& a) {
 template <int NS>
 void backward_impl(const ScanArgs& a) {
   parallel_rows(a, [&](int64_t r0, int64_t r1, int64_t tid) {
-    if constexpr (NS > 0 && NS % VW == 0) backward_rows_vec<NS>(a, r0, r1, tid);
+    if constexpr (NS > 0 && NS % VW == 0) backward_rows_vec<NS, state_vector<NS>>(a, r0, r1, tid);
     else backward_rows<NS>(a, r0, r1, tid);
   });
 }
