@@ -23,7 +23,8 @@ import time
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from ssmdiff.bench import cpu_training_step, default_batch, input_size_for
+from ssmdiff.bench import (constructor_overrides, cpu_training_step, default_batch, input_size_for,
+                           parse_model_spec)
 from ssmdiff.models import create_model
 from ssmdiff.utils.alloc import tune_cpu_allocator
 
@@ -51,9 +52,10 @@ class _OpTimes(TorchDispatchMode):
         return out
 
 
-def step_breakdown(name: str, tokens: int, batch: int, dtype: str, warmup: int = 2, num_classes: int = 1000):
+def step_breakdown(name: str, tokens: int, batch: int, dtype: str, warmup: int = 2, num_classes: int = 1000,
+                   overrides: dict | None = None):
     """(plain step seconds, step seconds under the op timer, {op: (calls, seconds)})."""
-    step, _ = cpu_training_step(name, tokens, dtype, batch=batch, num_classes=num_classes)
+    step, _ = cpu_training_step(name, tokens, dtype, batch=batch, num_classes=num_classes, overrides=overrides)
     for _ in range(warmup):
         step()
     t0 = time.perf_counter()
@@ -67,9 +69,10 @@ def step_breakdown(name: str, tokens: int, batch: int, dtype: str, warmup: int =
     return plain, timed, {k: (v[0], v[1]) for k, v in mode.times.items()}
 
 
-def optimizer_step_ms(name: str, tokens: int, repeats: int = 5) -> dict:
+def optimizer_step_ms(name: str, tokens: int, repeats: int = 5, overrides: dict | None = None) -> dict:
     """Best milliseconds of one AdamW step over the model's parameters: per-tensor loop and fused."""
-    model = create_model(name, input_size=input_size_for(name, tokens), in_channels=4, num_classes=1000)
+    model = create_model(name, input_size=input_size_for(name, tokens), in_channels=4, num_classes=1000,
+                         **constructor_overrides(overrides or {}))
     params = list(model.parameters())
     for p in params:
         p.grad = torch.randn_like(p)
@@ -88,7 +91,8 @@ def optimizer_step_ms(name: str, tokens: int, repeats: int = 5) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="DiS-S/2")
+    p.add_argument("--model", default="DiS-S/2", help="a name or a spec as `ssmdiff bench` takes, e.g. "
+                   "DiS-S/2:mixer=mamba2")
     p.add_argument("--tokens", type=int, default=1024)
     p.add_argument("--batch", type=int, default=None, help="images per step (default 4096 // tokens)")
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
@@ -98,18 +102,19 @@ def main(argv=None) -> int:
     if args.tokens <= 0 or args.top <= 0 or args.repeats <= 0 or (args.batch is not None and args.batch <= 0):
         p.error("--tokens, --batch, --top and --repeats must be positive")
     try:
-        input_size_for(args.model, args.tokens)
+        name, overrides = parse_model_spec(args.model)
+        input_size_for(name, args.tokens)
     except ValueError as e:
         p.error(str(e))
     tune_cpu_allocator()
     batch = args.batch or default_batch(args.tokens)
-    plain, timed, ops = step_breakdown(args.model, args.tokens, batch, args.dtype)
+    plain, timed, ops = step_breakdown(name, args.tokens, batch, args.dtype, overrides=overrides)
     print(f"{args.model}, {args.tokens} tokens, batch {batch}, {args.dtype}: training step {plain:.2f} s "
           f"({timed:.2f} s under the op timer, {sum(s for _, s in ops.values()):.2f} s inside ops)")
     print(f"  {'seconds':>8} {'share':>6} {'calls':>6}  op")
     for op, (calls, s) in sorted(ops.items(), key=lambda kv: -kv[1][1])[:args.top]:
         print(f"  {s:8.3f} {100 * s / plain:5.1f}% {calls:6d}  {op}")
-    o = optimizer_step_ms(args.model, args.tokens, args.repeats)
+    o = optimizer_step_ms(name, args.tokens, args.repeats, overrides)
     print(f"AdamW over {o['tensors']} parameter tensors: per-tensor loop {o['loop']:.1f} ms, fused {o['fused']:.1f} ms")
     return 0
 
