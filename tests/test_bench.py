@@ -232,7 +232,16 @@ def test_step_breakdown_benchmark(capsys):
     assert mod.main(["--model", "DiT-T/2", "--tokens", "16", "--batch", "2", "--top", "3", "--repeats", "1"]) == 0
     out = capsys.readouterr().out
     assert "training step" in out and "AdamW over" in out and "fused" in out
+    # A spec with overrides, as `ssmdiff bench --models` takes it: the Mamba-2 mixer's own kernels appear.
+    assert mod.main(["--model", "DiS-T/2:mixer=mamba2", "--tokens", "16", "--batch", "2", "--top", "40",
+                     "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "DiS-T/2:mixer=mamba2, 16 tokens" in out
+    if _scan_cpu.available():
+        assert "ssd_scan_bwd" in out and "selective_scan_bwd" not in out
     with pytest.raises(SystemExit):
         mod.main(["--tokens", "0"])
     with pytest.raises(SystemExit):
         mod.main(["--tokens", "15"])
+    with pytest.raises(SystemExit):
+        mod.main(["--model", "DiS-T/2:mixer"])
