@@ -150,6 +150,17 @@ def test_cpu_kernel_state_sizes(state):
 
 
 @needs_kernel
+@pytest.mark.parametrize("dim,groups", [(3, None), (6, 2), (6, 3), (5, None)])
+def test_cpu_kernel_row_pairs_across_boundaries(dim, groups):
+    """The backward walks rows in pairs that share B and C: odd channel counts and groups of one or three channels
+    put a pair's second row in the next batch or group, where the kernel must fall back to one row. Batch 2, so
+    rows of both batches meet; one thread, so the pairing follows the row order."""
+    with one_thread():
+        inputs, kw = _case(37, OPTION_SETS["full"], groups=groups, reverse=dim == 5, dim=dim)
+        compare(inputs, "cpu", FP32_TOL, **kw)
+
+
+@needs_kernel
 def test_cpu_kernel_threads_share_b_c_gradients():
     # Large enough to start several threads, whose partial dB/dC are summed afterwards.
     threads = torch.get_num_threads()

@@ -618,163 +618,221 @@ void forward_rows_vec(const ScanArgs& a, int64_t row0, int64_t row1) {
   }
 }
 
-template <int NS, typename SV>
-void backward_rows_vec(const ScanArgs& a, int64_t row0, int64_t row1, int64_t tid) {
+// One row's buffers in the vector backward (each thread keeps one set per row it walks at once).
+struct BwdRow {
+  std::vector<float> dt, sig, g, zf, xs, dxs, dss, ys, hs, as, stage;
+  std::vector<vf> dxbuf, dsbuf, ybuf;  // per-step partial sums, reduced 8 steps at a time after each chunk
+  BwdRow(const ScanArgs& a, int64_t ns)
+      : dt(a.len), sig(a.softplus ? a.len : 0), g(a.len), zf(a.z ? a.len : 0), xs(a.len), dxs(a.len), dss(a.len),
+        ys(a.z ? a.len : 0), hs((a.chunk + 1) * ns), as(a.chunk * ns), stage(a.bf16_io ? 7 * a.len : 0),
+        dxbuf(a.chunk), dsbuf(a.chunk), ybuf(a.z ? a.chunk : 0) {}
+};
+
+// The row's inputs in one pass: delta after bias (and softplus, keeping its derivative for ddelta), the scan input
+// x = delta u, and the gradient reaching the scan output, g = dout silu(z), with zf = dout silu'(z), which times
+// (y + D u) gives dz. Per-position work (this, the epilogue and the per-chunk reductions) was 44% of the backward
+// at DiS-S/2's shapes as separate passes with a second exp for softplus' derivative. Fused, forward + backward
+// there went from 30.5-31.5 to 26.9-27.4 ms (`python benchmarks/scan.py --lengths 1026 --batch 4 --dim 736
+// --skip-ref`, 2 threads).
+inline void bwd_prepass(const ScanArgs& a, const RowInfo& ri, const float* drow, const float* urow,
+                        const float* gout, const float* zrow, BwdRow& r) {
+  const int64_t L = a.len;
+  const float bias = a.delta_bias ? a.delta_bias[ri.d] : 0.0f;
+  float *dt = r.dt.data(), *sig = r.sig.data(), *g = r.g.data(), *zf = r.zf.data(), *xs = r.xs.data();
+  int64_t i = 0;
+  for (; i + VW <= L; i += VW) {
+    vf v = load(drow + i) + bias;
+    if (a.softplus) {
+      vf sg;
+      v = vsoftplus_sig(v, sg);
+      store(sig + i, sg);
+    }
+    store(dt + i, v);
+    store(xs + i, v * load(urow + i));
+    const vf go = load(gout + i);
+    if (zrow) {
+      const vf zz = load(zrow + i), sg = vsigmoid(zz);
+      store(g + i, go * zz * sg);
+      store(zf + i, go * sg * (1.0f + zz * (1.0f - sg)));
+    } else {
+      store(g + i, go);
+    }
+  }
+  for (; i < L; ++i) {
+    float v = drow[i] + bias;
+    if (a.softplus) sig[i] = sigmoid(v), v = softplus(v);
+    dt[i] = v;
+    xs[i] = v * urow[i];
+    if (zrow) {
+      const float zz = zrow[i], sg = sigmoid(zz);
+      g[i] = gout[i] * zz * sg;
+      zf[i] = gout[i] * sg * (1.0f + zz * (1.0f - sg));
+    } else {
+      g[i] = gout[i];
+    }
+  }
+}
+
+// One pass for the per-position gradients: du, ddelta (through softplus), dz, and the sums for dD and the bias.
+inline void bwd_epilogue(const ScanArgs& a, const RowInfo& ri, int64_t row, const float* urow, const float* zrow,
+                         float* durow, BwdRow& r) {
+  const int64_t L = a.len;
+  const float Dd = a.D ? a.D[ri.d] : 0.0f;
+  const float *dt = r.dt.data(), *sig = r.sig.data(), *g = r.g.data(), *zf = r.zf.data();
+  const float *dxs = r.dxs.data(), *dss = r.dss.data(), *ys = r.ys.data();
+  float* sb = r.stage.data();
+  float* ddrow = out_row(a.ddelta, a.bf16_io & BF16_DDELTA, row, L, sb + 5 * L);
+  float* dzrow = zrow ? out_row(a.dz, a.bf16_io & BF16_DZ, row, L, sb + 6 * L) : nullptr;
+  vf dDv{}, dbv{};
+  int64_t i = 0;
+  for (; i + VW <= L; i += VW) {
+    const vf gv = load(g + i), uv = load(urow + i), dx = load(dxs + i);
+    store(durow + i, gv * Dd + dx * load(dt + i));
+    vf dd = load(dss + i) + dx * uv;
+    if (a.softplus) dd *= load(sig + i);
+    store(ddrow + i, dd);
+    dbv += dd;
+    dDv += gv * uv;
+    if (dzrow) store(dzrow + i, load(zf + i) * (load(ys + i) + Dd * uv));
+  }
+  float dDacc = hsum(dDv), dbias = hsum(dbv);
+  for (; i < L; ++i) {
+    durow[i] = g[i] * Dd + dxs[i] * dt[i];
+    float dd = dss[i] + dxs[i] * urow[i];
+    if (a.softplus) dd *= sig[i];
+    ddrow[i] = dd;
+    dbias += dd;
+    dDacc += g[i] * urow[i];
+    if (dzrow) dzrow[i] = zf[i] * (ys[i] + Dd * urow[i]);
+  }
+  out_row_done(a.du, a.bf16_io & BF16_DU, row, L, durow);
+  out_row_done(a.ddelta, a.bf16_io & BF16_DDELTA, row, L, ddrow);
+  if (dzrow) out_row_done(a.dz, a.bf16_io & BF16_DZ, row, L, dzrow);
+  a.dD_rows[row] = dDacc;
+  a.dbias_rows[row] = dbias;
+}
+
+// Rows row .. row + R - 1 (same batch and group, so the same B, C and dB, dC rows) walked together through the
+// recompute and the reverse pass: each load of B and C and each read-modify-write of dB and dC serves R rows, and
+// the rows' dependency chains (the state's FMA, the reverse dh's FMA and multiply) run side by side.
+template <int NS, typename SV, int R>
+void backward_group(const ScanArgs& a, int64_t row, int64_t tid, BwdRow* rb) {
   constexpr int SW = lanes<SV>(), NV = NS / SW;
-  FlushDenormals ftz;
   const int64_t L = a.len, K = a.chunk;
   const int64_t nchunks = (L + K - 1) / K;
-  std::vector<float> dtbuf(L), sigbuf(a.softplus ? L : 0), gbuf(L), zfbuf(a.z ? L : 0);
-  float *dt = dtbuf.data(), *sig = sigbuf.data(), *g = gbuf.data(), *zf = zfbuf.data();
-  std::vector<float> hs((K + 1) * NS), as(K * NS);
-  // Per-step partial sums (one vector each) reduced 8 steps at a time after each chunk.
-  std::vector<vf> dxbuf(K), dsbuf(K), ybuf(a.z ? K : 0);
-  std::vector<float> dxs(L), dss(L), ys(a.z ? L : 0), xbuf(L);
-  float* xs = xbuf.data();
-  const auto [dBthr, dCthr] = thread_dbc(a, tid, NS);
   const int64_t step = a.reverse ? -1 : 1;
-  const bool staged = a.bf16_io != 0;
-  std::vector<float> stage(staged ? 7 * L : 0);
-  float* sb = stage.data();
-  for (int64_t row = row0; row < row1; ++row) {
-    const RowInfo ri = row_info(a, row);
-    const float* urow = in_row(a.u, a.bf16_io & BF16_U, row, L, sb);
-    const float* gout = in_row(a.dout, a.bf16_io & BF16_DOUT, row, L, sb + L);
-    const int64_t bc_off = (ri.b * a.groups + ri.grp) * L * NS;
-    const float *Bg = a.B + bc_off, *Cg = a.C + bc_off;
-    float *dBg = dBthr + bc_off, *dCg = dCthr + bc_off;
-    const float* cs = a.chunk_states + row * nchunks * NS;
-    float* durow = out_row(a.du, a.bf16_io & BF16_DU, row, L, sb + 2 * L);
-    const float Dd = a.D ? a.D[ri.d] : 0.0f;
-    const float* drow = in_row(a.delta, a.bf16_io & BF16_DELTA, row, L, sb + 3 * L);
-    const float bias = a.delta_bias ? a.delta_bias[ri.d] : 0.0f;
-    const float* zrow = in_row(a.z, a.bf16_io & BF16_Z, row, L, sb + 4 * L);
-    // One pass over the row's inputs: delta after bias (and softplus, keeping its derivative for ddelta), the
-    // scan input x = delta u, and the gradient reaching the scan output, g = dout silu(z), with
-    // zf = dout silu'(z), which times (y + D u) gives dz. Per-position work (this, the epilogue and the per-chunk
-    // reductions) was 44% of the backward at DiS-S/2's shapes as separate passes with a second exp for softplus'
-    // derivative. Fused, forward + backward there went from 30.5-31.5 to 26.9-27.4 ms (`python benchmarks/scan.py
-    // --lengths 1026 --batch 4 --dim 736 --skip-ref`, 2 threads).
-    {
-      int64_t i = 0;
-      for (; i + VW <= L; i += VW) {
-        vf v = load(drow + i) + bias;
-        if (a.softplus) {
-          vf sg;
-          v = vsoftplus_sig(v, sg);
-          store(sig + i, sg);
-        }
-        store(dt + i, v);
-        store(xs + i, v * load(urow + i));
-        const vf go = load(gout + i);
-        if (zrow) {
-          const vf zz = load(zrow + i), sg = vsigmoid(zz);
-          store(g + i, go * zz * sg);
-          store(zf + i, go * sg * (1.0f + zz * (1.0f - sg)));
-        } else {
-          store(g + i, go);
-        }
-      }
-      for (; i < L; ++i) {
-        float v = drow[i] + bias;
-        if (a.softplus) sig[i] = sigmoid(v), v = softplus(v);
-        dt[i] = v;
-        xs[i] = v * urow[i];
-        if (zrow) {
-          const float zz = zrow[i], sg = sigmoid(zz);
-          g[i] = gout[i] * zz * sg;
-          zf[i] = gout[i] * sg * (1.0f + zz * (1.0f - sg));
-        } else {
-          g[i] = gout[i];
+  const auto [dBthr, dCthr] = thread_dbc(a, tid, NS);
+  const RowInfo ri0 = row_info(a, row);
+  const int64_t bc_off = (ri0.b * a.groups + ri0.grp) * L * NS;
+  const float *Bg = a.B + bc_off, *Cg = a.C + bc_off;
+  float *dBg = dBthr + bc_off, *dCg = dCthr + bc_off;
+  const float *urow[R], *zrow[R], *cs[R], *dt[R], *xs[R], *g[R];
+  float* durow[R];
+  SV Av[R][NV], A2[R][NV], dh[R][NV], dAacc[R][NV];
+  for (int r = 0; r < R; ++r) {
+    const RowInfo ri = row_info(a, row + r);
+    float* sb = rb[r].stage.data();
+    urow[r] = in_row(a.u, a.bf16_io & BF16_U, row + r, L, sb);
+    const float* gout = in_row(a.dout, a.bf16_io & BF16_DOUT, row + r, L, sb + L);
+    durow[r] = out_row(a.du, a.bf16_io & BF16_DU, row + r, L, sb + 2 * L);
+    const float* drow = in_row(a.delta, a.bf16_io & BF16_DELTA, row + r, L, sb + 3 * L);
+    zrow[r] = in_row(a.z, a.bf16_io & BF16_Z, row + r, L, sb + 4 * L);
+    cs[r] = a.chunk_states + (row + r) * nchunks * NS;
+    bwd_prepass(a, ri, drow, urow[r], gout, zrow[r], rb[r]);
+    dt[r] = rb[r].dt.data(), xs[r] = rb[r].xs.data(), g[r] = rb[r].g.data();
+    for (int j = 0; j < NV; ++j) {
+      Av[r][j] = load_sv(a.A + ri.d * NS + j * SW, SV{}), A2[r][j] = Av[r][j] * kLog2e;
+      dh[r][j] = SV{}, dAacc[r][j] = SV{};
+    }
+  }
+  const bool has_z = a.z != nullptr;
+  for (int64_t c = nchunks - 1; c >= 0; --c) {
+    const int64_t s0 = c * K, s1 = std::min(L, s0 + K);
+    SV h[R][NV];
+    for (int r = 0; r < R; ++r)
+      for (int j = 0; j < NV; ++j)
+        h[r][j] = load_sv(cs[r] + c * NS + j * SW, SV{}), store(rb[r].hs.data() + j * SW, h[r][j]);
+    int64_t t = a.reverse ? L - 1 - s0 : s0;
+    for (int64_t s = s0; s < s1; ++s, t += step) {
+      const float* Bt = Bg + t * NS;
+      for (int j = 0; j < NV; ++j) {
+        const SV Bj = load_sv(Bt + j * SW, SV{});
+        for (int r = 0; r < R; ++r) {
+          const SV e = vexp2((SV{} + dt[r][t]) * A2[r][j]);
+          store(rb[r].as.data() + (s - s0) * NS + j * SW, e);
+          h[r][j] = e * h[r][j] + (SV{} + xs[r][t]) * Bj;
+          store(rb[r].hs.data() + (s - s0 + 1) * NS + j * SW, h[r][j]);
         }
       }
     }
-    SV Av[NV], dh[NV], dAacc[NV];
-    SV A2[NV];
-    for (int j = 0; j < NV; ++j)
-      Av[j] = load_sv(a.A + ri.d * NS + j * SW, SV{}), A2[j] = Av[j] * kLog2e, dh[j] = SV{}, dAacc[j] = SV{};
-    for (int64_t c = nchunks - 1; c >= 0; --c) {
-      const int64_t s0 = c * K, s1 = std::min(L, s0 + K);
-      SV h[NV];
-      for (int j = 0; j < NV; ++j) h[j] = load_sv(cs + c * NS + j * SW, SV{}), store(hs.data() + j * SW, h[j]);
-      int64_t t = a.reverse ? L - 1 - s0 : s0;
-      for (int64_t s = s0; s < s1; ++s, t += step) {
-        const SV dtv = SV{} + dt[t], xv = SV{} + xs[t];
-        const float* Bt = Bg + t * NS;
-        float* hn = hs.data() + (s - s0 + 1) * NS;
-        float* at = as.data() + (s - s0) * NS;
-        for (int j = 0; j < NV; ++j) {
-          const SV e = vexp2(dtv * A2[j]);
-          store(at + j * SW, e);
-          h[j] = e * h[j] + xv * load_sv(Bt + j * SW, SV{});
-          store(hn + j * SW, h[j]);
-        }
+    t = a.reverse ? L - s1 : s1 - 1;
+    for (int64_t s = s1 - 1; s >= s0; --s, t -= step) {
+      const float *Bt = Bg + t * NS, *Ct = Cg + t * NS;
+      float *dBt = dBg + t * NS, *dCt = dCg + t * NS;
+      const int64_t k = s - s0;
+      SV gv[R], xv[R], dtv[R], dxv[R], ddtv[R], yv[R];
+      for (int r = 0; r < R; ++r) {
+        gv[r] = SV{} + g[r][t], xv[r] = SV{} + xs[r][t], dtv[r] = SV{} + dt[r][t];
+        dxv[r] = SV{}, ddtv[r] = SV{}, yv[r] = SV{};
       }
-      t = a.reverse ? L - s1 : s1 - 1;
-      for (int64_t s = s1 - 1; s >= s0; --s, t -= step) {
-        const float *Bt = Bg + t * NS, *Ct = Cg + t * NS;
-        float *dBt = dBg + t * NS, *dCt = dCg + t * NS;
-        const float* hp = hs.data() + (s - s0) * NS;
-        const float* hn = hp + NS;
-        const float* at = as.data() + (s - s0) * NS;
-        if (zrow) {
-          SV yv{};
-          for (int j = 0; j < NV; ++j) yv += load_sv(hn + j * SW, SV{}) * load_sv(Ct + j * SW, SV{});
-          ybuf[s - s0] = fold(yv);
+      for (int j = 0; j < NV; ++j) {
+        const int o = j * SW;
+        const SV Cj = load_sv(Ct + o, SV{}), Bj = load_sv(Bt + o, SV{});
+        SV dCj = load_sv(dCt + o, SV{}), dBj = load_sv(dBt + o, SV{});
+        for (int r = 0; r < R; ++r) {
+          const float* hp = rb[r].hs.data() + k * NS;
+          const SV hnj = load_sv(hp + NS + o, SV{}), hpj = load_sv(hp + o, SV{});
+          const SV aj = load_sv(rb[r].as.data() + k * NS + o, SV{});
+          if (has_z) yv[r] += hnj * Cj;
+          dCj += gv[r] * hnj;
+          const SV dhi = dh[r][j] + gv[r] * Cj;
+          dBj += dhi * xv[r];
+          dxv[r] += dhi * Bj;
+          dh[r][j] = dhi * aj;
+          const SV w = dh[r][j] * hpj;  // dhi * a * h_prev: the gradient of the exponent delta * A
+          ddtv[r] += w * Av[r][j];
+          dAacc[r][j] += w * dtv[r];
         }
-        const SV gv = SV{} + g[t], xv = SV{} + xs[t], dtv = SV{} + dt[t];
-        SV dxv{}, ddtv{};
-        for (int j = 0; j < NV; ++j) {
-          const int o = j * SW;
-          const SV hnj = load_sv(hn + o, SV{}), Cj = load_sv(Ct + o, SV{}), Bj = load_sv(Bt + o, SV{});
-          const SV aj = load_sv(at + o, SV{}), hpj = load_sv(hp + o, SV{});
-          store(dCt + o, load_sv(dCt + o, SV{}) + gv * hnj);
-          const SV dhi = dh[j] + gv * Cj;
-          store(dBt + o, load_sv(dBt + o, SV{}) + dhi * xv);
-          dxv += dhi * Bj;
-          dh[j] = dhi * aj;
-          const SV w = dh[j] * hpj;  // dhi * a * h_prev: the gradient of the exponent delta * A
-          ddtv += w * Av[j];
-          dAacc[j] += w * dtv;
-        }
-        dxbuf[s - s0] = fold(dxv);
-        dsbuf[s - s0] = fold(ddtv);
+        store(dCt + o, dCj);
+        store(dBt + o, dBj);
       }
-      reduce_steps(dxbuf.data(), s1 - s0, s0, L, a.reverse, dxs.data());
-      reduce_steps(dsbuf.data(), s1 - s0, s0, L, a.reverse, dss.data());
-      if (zrow) reduce_steps(ybuf.data(), s1 - s0, s0, L, a.reverse, ys.data());
+      for (int r = 0; r < R; ++r) {
+        rb[r].dxbuf[k] = fold(dxv[r]);
+        rb[r].dsbuf[k] = fold(ddtv[r]);
+        if (has_z) rb[r].ybuf[k] = fold(yv[r]);
+      }
     }
-    // One pass for the per-position gradients: du, ddelta (through softplus), dz, and the sums for dD and the bias.
-    float* ddrow = out_row(a.ddelta, a.bf16_io & BF16_DDELTA, row, L, sb + 5 * L);
-    float* dzrow = zrow ? out_row(a.dz, a.bf16_io & BF16_DZ, row, L, sb + 6 * L) : nullptr;
-    vf dDv{}, dbv{};
-    int64_t i = 0;
-    for (; i + VW <= L; i += VW) {
-      const vf gv = load(g + i), uv = load(urow + i), dx = load(dxs.data() + i);
-      store(durow + i, gv * Dd + dx * load(dt + i));
-      vf dd = load(dss.data() + i) + dx * uv;
-      if (a.softplus) dd *= load(sig + i);
-      store(ddrow + i, dd);
-      dbv += dd;
-      dDv += gv * uv;
-      if (dzrow) store(dzrow + i, load(zf + i) * (load(ys.data() + i) + Dd * uv));
+    for (int r = 0; r < R; ++r) {
+      reduce_steps(rb[r].dxbuf.data(), s1 - s0, s0, L, a.reverse, rb[r].dxs.data());
+      reduce_steps(rb[r].dsbuf.data(), s1 - s0, s0, L, a.reverse, rb[r].dss.data());
+      if (has_z) reduce_steps(rb[r].ybuf.data(), s1 - s0, s0, L, a.reverse, rb[r].ys.data());
     }
-    float dDacc = hsum(dDv), dbias = hsum(dbv);
-    for (; i < L; ++i) {
-      durow[i] = g[i] * Dd + dxs[i] * dt[i];
-      float dd = dss[i] + dxs[i] * urow[i];
-      if (a.softplus) dd *= sig[i];
-      ddrow[i] = dd;
-      dbias += dd;
-      dDacc += g[i] * urow[i];
-      if (dzrow) dzrow[i] = zf[i] * (ys[i] + Dd * urow[i]);
+  }
+  for (int r = 0; r < R; ++r) {
+    bwd_epilogue(a, row_info(a, row + r), row + r, urow[r], zrow[r], durow[r], rb[r]);
+    for (int j = 0; j < NV; ++j) store(a.dA_rows + (row + r) * NS + j * SW, dAacc[r][j]);
+  }
+}
+
+// Rows in pairs where the state fits one vector per row (two rows' state, gradient and decay vectors then still
+// fit the registers), one at a time otherwise or where a pair would straddle a batch or group boundary.
+template <int NS, typename SV>
+void backward_rows_vec(const ScanArgs& a, int64_t row0, int64_t row1, int64_t tid) {
+  constexpr int NV = NS / lanes<SV>();
+  constexpr int R = NV == 1 ? 2 : 1;
+  FlushDenormals ftz;
+  std::vector<BwdRow> rb;
+  for (int r = 0; r < R; ++r) rb.emplace_back(a, NS);
+  const int64_t per_group = a.dim / a.groups;
+  for (int64_t row = row0; row < row1;) {
+    if (R > 1 && row + R <= row1 && (row % a.dim) / per_group == ((row + R - 1) % a.dim) / per_group &&
+        row / a.dim == (row + R - 1) / a.dim) {
+      backward_group<NS, SV, R>(a, row, tid, rb.data());
+      row += R;
+    } else {
+      backward_group<NS, SV, 1>(a, row, tid, rb.data());
+      row += 1;
     }
-    out_row_done(a.du, a.bf16_io & BF16_DU, row, L, durow);
-    out_row_done(a.ddelta, a.bf16_io & BF16_DDELTA, row, L, ddrow);
-    if (dzrow) out_row_done(a.dz, a.bf16_io & BF16_DZ, row, L, dzrow);
-    for (int j = 0; j < NV; ++j) store(a.dA_rows + row * NS + j * SW, dAacc[j]);
-    a.dD_rows[row] = dDacc;
-    a.dbias_rows[row] = dbias;
   }
 }
 
