@@ -433,25 +433,27 @@ inline vf vsigmoid(vf x) {
 }
 
 // softplus and sigmoid on whole vectors, for the per-position work around the scan (a tenth to a quarter of it
-// with scalar libm calls). softplus(v) = max(v, 0) + log1p(e), e = exp(-|v|) in (0, 1], with
-// log1p(e) = 2 atanh(s), s = e / (2 + e) in (0, 1/3]: the series to s^13 is exact to 1.5e-8 there. From the same
-// exp, its derivative sigmoid(v) = 1 / (1 + e) for v > 0 and e / (1 + e) otherwise: the backward keeps that
-// instead of taking another exp per position for it.
+// with scalar libm calls). softplus(v) = max(v, 0) + log1p(e), e = exp(-|v|) in (0, 1], with log1p(e) = e q(e)
+// and q a degree-8 polynomial fitted for this file on [0, 1] (relative error 2e-7 in float, below the exp's own):
+// no division, where the atanh series it replaced needed one (softplus over DiS-S/2's 736 x 1024 deltas, one
+// thread, hand timing: 0.53 -> 0.36 ms). From the same exp, its derivative sigmoid(v) = 1 / (1 + e) for v > 0 and
+// e / (1 + e) otherwise: the backward keeps that instead of taking another exp per position for it.
 inline vf vsoftplus_sig(vf v, vf& sig) {
   vf a = v < 0.0f ? -v : v;
   a = a > 100.0f ? splat(100.0f) : a;  // exp(-100) is 0 in float: keeps exp2's argument in range
   const vf e = vexp2(a * -kLog2e);
   const vf r = 1.0f / (1.0f + e);
   sig = v > 0.0f ? r : e * r;
-  const vf s = e / (e + 2.0f), s2 = s * s;
-  vf p = splat(1.0f / 13);
-  p = p * s2 + 1.0f / 11;
-  p = p * s2 + 1.0f / 9;
-  p = p * s2 + 1.0f / 7;
-  p = p * s2 + 1.0f / 5;
-  p = p * s2 + 1.0f / 3;
-  p = p * s2 + 1.0f;
-  return (v > 0.0f ? v : vf{}) + 2.0f * s * p;
+  vf q = splat(0.005253457929939032f);
+  q = q * e - 0.02958850748836994f;
+  q = q * e + 0.07836166769266129f;
+  q = q * e - 0.13674770295619965f;
+  q = q * e + 0.19111430644989014f;
+  q = q * e - 0.24844369292259216f;
+  q = q * e + 0.33319270610809326f;
+  q = q * e - 0.49999502301216125f;
+  q = q * e + 1.0f;
+  return (v > 0.0f ? v : vf{}) + e * q;
 }
 
 inline vf vsoftplus(vf v) {
