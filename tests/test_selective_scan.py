@@ -6,6 +6,7 @@ import contextlib
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from ssmdiff.ssm import selective_scan, selective_scan_ref
 from ssmdiff.ssm.ops import _scan_cpu, _scan_torch
@@ -182,12 +183,12 @@ def test_cpu_kernel_low_precision(dtype, length):
 
 @needs_kernel
 @pytest.mark.parametrize("state", [16, 24])
-@pytest.mark.parametrize("reverse", [False, True])
-def test_cpu_kernel_bf16_rows_equal_whole_tensor_conversion(state, reverse):
+@pytest.mark.parametrize("reverse,gate_add", [(False, False), (True, False), (True, True)])
+def test_cpu_kernel_bf16_rows_equal_whole_tensor_conversion(state, reverse, gate_add):
     """bf16 u, delta, z, add (and dout) are widened row by row inside the kernel and out, du, ddelta, dz narrowed
     there with round-to-nearest-even: bit for bit what converting the whole tensors to float32 around the float32
     kernel gives (the path for other dtypes, and for state sizes the vector rows do not take, here 24). Length 1003:
-    a vector body and a tail; threads on."""
+    a vector body and a tail; threads on. With ``gate_add`` add also enters the backward (dz) and dadd comes out."""
     g = torch.Generator().manual_seed(3)
     b, d, L = 2, 24, 1003
     bf = torch.bfloat16
@@ -202,17 +203,20 @@ def test_cpu_kernel_bf16_rows_equal_whole_tensor_conversion(state, reverse):
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        out, last, states = _scan_cpu._scan_fwd(u, delta, A, B, C, D, z, bias, add, True, reverse, True)
+        out, last, states = _scan_cpu._scan_fwd(u, delta, A, B, C, D, z, bias, add, True, reverse, True, gate_add)
         out_r, last_r, states_r = _scan_cpu._scan_fwd(*f32[:2], A, B, C, D, f32[2], bias, f32[3], True, reverse,
-                                                       True)
+                                                       True, gate_add)
         assert out.dtype == bf and torch.equal(out, out_r.to(bf))
         assert torch.equal(last, last_r) and torch.equal(states, states_r)
-        grads = _scan_cpu._scan_bwd(dout, u, delta, A, B, C, D, z, bias, states, True, reverse)
-        grads_r = _scan_cpu._scan_bwd(f32[4], *f32[:2], A, B, C, D, f32[2], bias, states_r, True, reverse)
+        grads = _scan_cpu._scan_bwd(dout, u, delta, A, B, C, D, z, bias, states, True, reverse,
+                                    add if gate_add else None)
+        grads_r = _scan_cpu._scan_bwd(f32[4], *f32[:2], A, B, C, D, f32[2], bias, states_r, True, reverse,
+                                      f32[3] if gate_add else None)
     finally:
         torch.set_num_threads(threads)
-    for name, gr, gr_r, like in zip(("du", "ddelta", "dA", "dB", "dC", "dD", "dz", "dbias"), grads, grads_r,
-                                    (u, delta, A, B, C, D, z, bias)):
+    assert (grads[8].numel() > 0) == gate_add
+    for name, gr, gr_r, like in zip(("du", "ddelta", "dA", "dB", "dC", "dD", "dz", "dbias", "dadd"), grads, grads_r,
+                                    (u, delta, A, B, C, D, z, bias, add if gate_add else u.new_empty(0))):
         assert gr.dtype == like.dtype, name
         if name in ("dB", "dC"):  # summed over channels in per-thread slabs: the order varies between calls
             torch.testing.assert_close(gr, gr_r, rtol=1e-5, atol=1e-5, msg=name)
@@ -298,6 +302,44 @@ def test_add_is_summed_into_the_output_with_its_gradient_passed_through(opts, dt
         for k, g in zip(present, grads[1:]):
             scale = max(1.0, grads_e[k].abs().max().item())
             torch.testing.assert_close(g / scale, grads_e[k] / scale, **FP32_TOL, msg=f"{backend} {k}")
+
+
+@pytest.mark.parametrize("state", [16, 24])
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gate_add_sums_before_the_gate(state, reverse, dtype):
+    """``gate_add``: out = (scan without z + add) * silu(z), written out with the reference as the formula, for
+    every backend (the CPU kernel's vector rows at state 16, its scalar rows at 24), with the gradients of every
+    input and of add (then dout * silu(z), not dout). Without z it is the plain add."""
+    inputs, kw = _case(70, OPTION_SETS["full"], state=state, reverse=reverse)
+    add = torch.randn(inputs["u"].shape).to(dtype).requires_grad_()
+    grad_out = torch.randn(inputs["u"].shape)
+    present = [k for k in NAMES if inputs[k] is not None]
+    scan_args = [inputs[k] for k in ("u", "delta", "A", "B", "C")]
+
+    def formula():
+        y = selective_scan_ref(*scan_args, D=inputs["D"], delta_bias=inputs["delta_bias"], **kw)
+        return (y + add.float()) * F.silu(inputs["z"].float())
+
+    expected = formula()
+    grads_e = torch.autograd.grad(expected, [add] + [inputs[k] for k in present], grad_out)
+    backends = ["ref", "torch"] + (["cpu"] if _scan_cpu.available() else [])
+    for backend in backends:
+        out = selective_scan(*scan_args, D=inputs["D"], z=inputs["z"], delta_bias=inputs["delta_bias"], add=add,
+                             gate_add=True, backend=backend, **kw)
+        assert out.dtype == inputs["u"].dtype
+        torch.testing.assert_close(out, expected.detach(), **FP32_TOL, msg=backend)
+        grads = torch.autograd.grad(out, [add] + [inputs[k] for k in present], grad_out)
+        assert grads[0].dtype == dtype
+        for k, g, ge in zip(["add"] + present, grads, grads_e):
+            scale = max(1.0, ge.abs().max().item())
+            tol = FP32_TOL if dtype == torch.float32 or k != "add" else BF16_TOL
+            torch.testing.assert_close(g.float() / scale, ge.float() / scale, **tol, msg=f"{backend} {k}")
+        no_z = selective_scan(*scan_args, D=inputs["D"], delta_bias=inputs["delta_bias"], add=add, gate_add=True,
+                              backend=backend, **kw)
+        plain = selective_scan(*scan_args, D=inputs["D"], delta_bias=inputs["delta_bias"], add=add, backend=backend,
+                               **kw)
+        assert torch.equal(no_z, plain), backend
 
 
 def test_reference_matches_hand_computed_recurrence():

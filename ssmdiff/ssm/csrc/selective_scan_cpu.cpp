@@ -57,13 +57,19 @@ struct ScanArgs {
   // float32 buffer on the way in and rounded to nearest-even on the way out, so the caller needs no
   // whole-tensor conversion under autocast.
   int64_t bf16_io;
+  // With z and add: 0 adds `add` after the gate, out = (y + D u) silu(z) + add; 1 before it,
+  // out = (y + D u + add) silu(z), and the backward writes dadd = dout silu(z) (for a bidirectional block whose
+  // directions share the gate: the first direction's call has no z, so no gate pass and no y recompute for dz,
+  // and the second gates the sum). The backward then also reads add (for dz).
+  int64_t gate_add;
+  float* dadd;
 };
 
 enum : int64_t { CONV_BF16_X = 1, CONV_BF16_OUT = 2, CONV_BF16_GOUT = 4, CONV_BF16_DX = 8 };
 
 enum : int64_t {
   BF16_U = 1, BF16_DELTA = 2, BF16_Z = 4, BF16_ADD = 8, BF16_OUT = 16, BF16_DOUT = 32, BF16_DU = 64,
-  BF16_DDELTA = 128, BF16_DZ = 256
+  BF16_DDELTA = 128, BF16_DZ = 256, BF16_DADD = 512
 };
 
 // Transpose of the last two axes: dst[b][c][r] = src[b][r][c] for r < rows, c < cols; unit stride along the last
@@ -170,12 +176,17 @@ inline void row_delta(const ScanArgs& a, const RowInfo& ri, const float* drow, f
 
 // The forward's epilogue on positions t0.. of one row of scan outputs y: out = (y + D u) * silu(z), or y + D u
 // without z; plus `add` when given (summing the two directions of a bidirectional block here saves a pass over
-// both outputs).
+// both outputs), after the gate or, with gate_add, before it.
 inline void skip_and_gate(const ScanArgs& a, const RowInfo& ri, const float* urow, const float* zrow,
                           const float* addrow, float* orow, int64_t t0 = 0) {
   const int64_t L = a.len;
   const float Dd = a.D ? a.D[ri.d] : 0.0f;
-  if (zrow) {
+  if (zrow && addrow && a.gate_add) {
+    for (int64_t t = t0; t < L; ++t) {
+      const float zz = zrow[t];
+      orow[t] = (orow[t] + Dd * urow[t] + addrow[t]) * zz * sigmoid(zz);
+    }
+  } else if (zrow) {
     for (int64_t t = t0; t < L; ++t) {
       const float zz = zrow[t];
       orow[t] = (orow[t] + Dd * urow[t]) * zz * sigmoid(zz) + (addrow ? addrow[t] : 0.0f);
@@ -250,11 +261,13 @@ void backward_rows(const ScanArgs& a, int64_t row0, int64_t row1, int64_t tid) {
     row_delta(a, ri, a.delta + row * L, dt, pre);
     // Gradient reaching the scan output y (before D and the gate): dout * silu(z).
     const float* zrow = a.z ? a.z + row * L : nullptr;
+    const float* addrow = zrow && a.gate_add && a.add ? a.add + row * L : nullptr;
     if (zrow) {
       for (int64_t t = 0; t < L; ++t) g[t] = gout[t] * zrow[t] * sigmoid(zrow[t]);
     } else {
       for (int64_t t = 0; t < L; ++t) g[t] = gout[t];
     }
+    if (addrow && a.dadd) std::memcpy(a.dadd + row * L, g, L * sizeof(float));
     for (int64_t i = 0; i < n; ++i) dh[i] = 0.0f, dAacc[i] = 0.0f;
     float dDacc = 0.0f;
     for (int64_t c = nchunks - 1; c >= 0; --c) {
@@ -286,7 +299,8 @@ void backward_rows(const ScanArgs& a, int64_t row0, int64_t row1, int64_t tid) {
           float y = 0.0f;
           for (int64_t i = 0; i < n; ++i) y += hn[i] * Ct[i];
           const float zz = zrow[t], sg = sigmoid(zz);
-          a.dz[row * L + t] = gout[t] * (y + Dd * ut) * sg * (1.0f + zz * (1.0f - sg));
+          const float pre_gate = y + Dd * ut + (addrow ? addrow[t] : 0.0f);
+          a.dz[row * L + t] = gout[t] * pre_gate * sg * (1.0f + zz * (1.0f - sg));
         }
         const float gy = g[t];
         dDacc += gy * ut;
@@ -510,11 +524,18 @@ inline void skip_and_gate_vec(const ScanArgs& a, const RowInfo& ri, const float*
   int64_t t = 0;
   if (zrow) {
     const float Dd = a.D ? a.D[ri.d] : 0.0f;
-    for (; t + VW <= L; t += VW) {
-      const vf zz = load(zrow + t);
-      vf o = (load(orow + t) + Dd * load(urow + t)) * zz * vsigmoid(zz);
-      if (addrow) o += load(addrow + t);
-      store(orow + t, o);
+    if (addrow && a.gate_add) {
+      for (; t + VW <= L; t += VW) {
+        const vf zz = load(zrow + t);
+        store(orow + t, (load(orow + t) + Dd * load(urow + t) + load(addrow + t)) * zz * vsigmoid(zz));
+      }
+    } else {
+      for (; t + VW <= L; t += VW) {
+        const vf zz = load(zrow + t);
+        vf o = (load(orow + t) + Dd * load(urow + t)) * zz * vsigmoid(zz);
+        if (addrow) o += load(addrow + t);
+        store(orow + t, o);
+      }
     }
   }
   skip_and_gate(a, ri, urow, zrow, addrow, orow, t);
@@ -633,7 +654,7 @@ struct BwdRow {
   std::vector<vf> dxbuf, dsbuf, ybuf;  // per-step partial sums, reduced 8 steps at a time after each chunk
   BwdRow(const ScanArgs& a, int64_t ns)
       : dt(a.len), sig(a.softplus ? a.len : 0), g(a.len), zf(a.z ? a.len : 0), xs(a.len), dxs(a.len), dss(a.len),
-        ys(a.z ? a.len : 0), hs((a.chunk + 1) * ns), as(a.chunk * ns), stage(a.bf16_io ? 7 * a.len : 0),
+        ys(a.z ? a.len : 0), hs((a.chunk + 1) * ns), as(a.chunk * ns), stage(a.bf16_io ? 9 * a.len : 0),
         dxbuf(a.chunk), dsbuf(a.chunk), ybuf(a.z ? a.chunk : 0) {}
 };
 
@@ -684,7 +705,7 @@ inline void bwd_prepass(const ScanArgs& a, const RowInfo& ri, const float* drow,
 
 // One pass for the per-position gradients: du, ddelta (through softplus), dz, and the sums for dD and the bias.
 inline void bwd_epilogue(const ScanArgs& a, const RowInfo& ri, int64_t row, const float* urow, const float* zrow,
-                         float* durow, BwdRow& r) {
+                         const float* addrow, float* durow, BwdRow& r) {
   const int64_t L = a.len;
   const float Dd = a.D ? a.D[ri.d] : 0.0f;
   const float *dt = r.dt.data(), *sig = r.sig.data(), *g = r.g.data(), *zf = r.zf.data();
@@ -702,7 +723,11 @@ inline void bwd_epilogue(const ScanArgs& a, const RowInfo& ri, int64_t row, cons
     store(ddrow + i, dd);
     dbv += dd;
     dDv += gv * uv;
-    if (dzrow) store(dzrow + i, load(zf + i) * (load(ys + i) + Dd * uv));
+    if (dzrow) {
+      vf pre_gate = load(ys + i) + Dd * uv;
+      if (addrow) pre_gate += load(addrow + i);
+      store(dzrow + i, load(zf + i) * pre_gate);
+    }
   }
   float dDacc = hsum(dDv), dbias = hsum(dbv);
   for (; i < L; ++i) {
@@ -712,7 +737,12 @@ inline void bwd_epilogue(const ScanArgs& a, const RowInfo& ri, int64_t row, cons
     ddrow[i] = dd;
     dbias += dd;
     dDacc += g[i] * urow[i];
-    if (dzrow) dzrow[i] = zf[i] * (ys[i] + Dd * urow[i]);
+    if (dzrow) dzrow[i] = zf[i] * (ys[i] + Dd * urow[i] + (addrow ? addrow[i] : 0.0f));
+  }
+  if (addrow && a.dadd) {  // dadd = g = dout silu(z), the gradient reaching the gated sum
+    float* darow = out_row(a.dadd, a.bf16_io & BF16_DADD, row, L, sb + 8 * L);
+    std::memcpy(darow, g, L * sizeof(float));
+    out_row_done(a.dadd, a.bf16_io & BF16_DADD, row, L, darow);
   }
   out_row_done(a.du, a.bf16_io & BF16_DU, row, L, durow);
   out_row_done(a.ddelta, a.bf16_io & BF16_DDELTA, row, L, ddrow);
@@ -735,7 +765,7 @@ void backward_group(const ScanArgs& a, int64_t row, int64_t tid, BwdRow* rb) {
   const int64_t bc_off = (ri0.b * a.groups + ri0.grp) * L * NS;
   const float *Bg = a.B + bc_off, *Cg = a.C + bc_off;
   float *dBg = dBthr + bc_off, *dCg = dCthr + bc_off;
-  const float *urow[R], *zrow[R], *cs[R], *dt[R], *xs[R], *g[R];
+  const float *urow[R], *zrow[R], *addrow[R], *cs[R], *dt[R], *xs[R], *g[R];
   float* durow[R];
   SV Av[R][NV], A2[R][NV], dh[R][NV], dAacc[R][NV];
   for (int r = 0; r < R; ++r) {
@@ -746,6 +776,7 @@ void backward_group(const ScanArgs& a, int64_t row, int64_t tid, BwdRow* rb) {
     durow[r] = out_row(a.du, a.bf16_io & BF16_DU, row + r, L, sb + 2 * L);
     const float* drow = in_row(a.delta, a.bf16_io & BF16_DELTA, row + r, L, sb + 3 * L);
     zrow[r] = in_row(a.z, a.bf16_io & BF16_Z, row + r, L, sb + 4 * L);
+    addrow[r] = zrow[r] && a.gate_add ? in_row(a.add, a.bf16_io & BF16_ADD, row + r, L, sb + 7 * L) : nullptr;
     cs[r] = a.chunk_states + (row + r) * nchunks * NS;
     bwd_prepass(a, ri, drow, urow[r], gout, zrow[r], rb[r]);
     dt[r] = rb[r].dt.data(), xs[r] = rb[r].xs.data(), g[r] = rb[r].g.data();
@@ -818,7 +849,7 @@ void backward_group(const ScanArgs& a, int64_t row, int64_t tid, BwdRow* rb) {
     }
   }
   for (int r = 0; r < R; ++r) {
-    bwd_epilogue(a, row_info(a, row + r), row + r, urow[r], zrow[r], durow[r], rb[r]);
+    bwd_epilogue(a, row_info(a, row + r), row + r, urow[r], zrow[r], addrow[r], durow[r], rb[r]);
     for (int j = 0; j < NV; ++j) store(a.dA_rows + (row + r) * NS + j * SW, dAacc[r][j]);
   }
 }
@@ -1234,7 +1265,7 @@ void with_state_size(int64_t n, F&& f) {
 
 extern "C" {
 
-int ssmdiff_scan_abi_version() { return 7; }
+int ssmdiff_scan_abi_version() { return 8; }
 
 void ssmdiff_transpose(const TransposeArgs* a) {
   const int64_t units = a->batch * ((a->rows + 15) / 16);

@@ -123,9 +123,11 @@ def _out(out_proj: nn.Linear, y: torch.Tensor) -> torch.Tensor:
     return out if out_proj.bias is None else out + out_proj.bias.to(out.dtype)
 
 
-def _scan_direction(x, z, x_proj: nn.Linear, dt_proj: nn.Linear, A_log, D, d_state: int, reverse: bool, add=None):
+def _scan_direction(x, z, x_proj: nn.Linear, dt_proj: nn.Linear, A_log, D, d_state: int, reverse: bool, add=None,
+                    gate_add: bool = False):
     """One direction of Mamba-1 after its conv and SiLU: x, z of shape (batch, E, length) -> y (batch, E, length),
-    plus ``add`` when given (the other direction's y, summed inside the CPU scan kernel).
+    plus ``add`` when given (the other direction's y, summed inside the CPU scan kernel), after the gate or, with
+    ``gate_add``, before it (``selective_scan``).
 
     Layout: everything stays channel-major, as the scan reads it. x_proj is one product to (batch, R + 2N, length):
     dt_low, B and C are views of it, and dt_proj reads dt_low in place. Autograd's bmm backward then returns the
@@ -138,7 +140,7 @@ def _scan_direction(x, z, x_proj: nn.Linear, dt_proj: nn.Linear, A_log, D, d_sta
     dt = _channel_major(dt_proj.weight, dt_low)
     A = -torch.exp(A_log.float())
     return selective_scan(x, dt, A, Bm, Cm, D.float(), z=z, delta_bias=dt_proj.bias.float(), delta_softplus=True,
-                          reverse=reverse, add=add)
+                          reverse=reverse, add=add, gate_add=gate_add)
 
 
 class Mamba(nn.Module):
@@ -241,8 +243,12 @@ class BiMamba(Mamba):
         # Both directions' convs read u in one pass (an anti-causal conv for the backward branch: no flips).
         xc, xc_b = conv_silu(u, [(self.conv1d.weight, self.conv1d.bias, False),
                                  (self.conv1d_b.weight, self.conv1d_b.bias, True)])
-        y = _scan_direction(xc, z, self.x_proj, self.dt_proj, self.A_log, self.D, self.d_state, False)
-        y = _scan_direction(xc_b, z, self.x_proj_b, self.dt_proj_b, self.A_b_log, self.D_b, self.d_state, True, add=y)
+        # Both directions share the gate: (y_f + y_b) silu(z) = y_f silu(z) + y_b silu(z). The forward direction is
+        # scanned ungated and the backward one gates the sum, so silu(z) and its gradient are computed once, and
+        # the forward direction's backward needs no recompute of y for dz.
+        y = _scan_direction(xc, None, self.x_proj, self.dt_proj, self.A_log, self.D, self.d_state, False)
+        y = _scan_direction(xc_b, z, self.x_proj_b, self.dt_proj_b, self.A_b_log, self.D_b, self.d_state, True, add=y,
+                            gate_add=True)
         if self.divide_out:
             y = y * 0.5
         return _out(self.out_proj, y)

@@ -20,6 +20,7 @@ import functools
 import os
 
 import torch
+import torch.nn.functional as F
 
 from .counting import record_flops
 from .selective_scan_ref import selective_scan_ref
@@ -102,7 +103,7 @@ def resolve_backend(device: torch.device, backend: str | None = None) -> str:
 
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                   return_last_state=False, reverse=False, add=None, backend: str | None = None):
+                   return_last_state=False, reverse=False, add=None, gate_add=False, backend: str | None = None):
     """Mamba-1 selective scan with the semantics of mamba-ssm's ``selective_scan_fn``, plus ``reverse``.
 
         h_t = exp(delta_t A) h_{t-1} + delta_t B_t u_t ;  y_t = <C_t, h_t> + D u_t ;  y *= silu(z)
@@ -111,7 +112,9 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     A: (channels, state); B, C: (batch, state, length) or grouped (batch, groups, state, length); D, delta_bias:
     (channels,). ``reverse=True`` scans from the last position to the first (no flipped copies; the last state is then
     the state after position 0). ``add`` (u's shape) is added to the output: a bidirectional block passes one
-    direction's output to the other's scan, which the CPU kernel sums in its epilogue instead of another pass. The
+    direction's output to the other's scan, which the CPU kernel sums in its epilogue instead of another pass. With
+    ``gate_add`` and z, add joins before the gate: out = (y + D u + add) silu(z), so the two directions of a block
+    that share z can be gated once (the first direction scanned without z, the second gating the sum). The
     state accumulates in float32; the output has u's dtype and gradients the dtypes of their inputs. Returns ``out``
     or ``(out, last_state)`` with last_state (batch, channels, state) float32.
     ``backend`` forces an implementation ("cpu", "cuda", "torch", "ref"; default "auto", see the module docstring).
@@ -133,12 +136,15 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
         if which == "cuda" and (u.device.type != "cuda" or _mamba_ssm_fn() is None):
             raise ValueError("backend 'cuda' needs CUDA tensors and mamba-ssm installed (pip install mamba-ssm); "
                              "use 'auto' or 'torch'")
+        gate_here = gate_add and add is not None and z is not None and not (which == "cpu" and length > 0)
+        if gate_here:  # the kernels other than the CPU one gate after adding: scan without z, gate below
+            kw["z"] = None
         if which == "ref" or length == 0:
             out, last = selective_scan_ref(u, delta, A, B, C, return_last_state=True, **kw)
         elif which == "cpu":
             from ._scan_cpu import selective_scan_cpu
 
-            out, last = selective_scan_cpu(u, delta, A, B, C, add=add, **kw)
+            out, last = selective_scan_cpu(u, delta, A, B, C, add=add, gate_add=gate_add, **kw)
             add = None  # summed inside the kernel
         elif which == "cuda":
             out, last = _cuda_scan(_mamba_ssm_fn(), u, delta, A, B, C, **kw)
@@ -146,6 +152,9 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
             from ._scan_torch import selective_scan_torch
 
             out, last = selective_scan_torch(u, delta, A, B, C, **kw)
+        if gate_here:
+            out = ((out.float() + add.float()) * F.silu(z.float())).to(out.dtype)
+            add = None
     if add is not None:
         out = out + add.to(out.dtype)
     return (out, last) if return_last_state else out
