@@ -203,15 +203,17 @@ def test_cpu_kernel_bf16_rows_equal_whole_tensor_conversion(state, reverse, gate
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        out, last, states = _scan_cpu._scan_fwd(u, delta, A, B, C, D, z, bias, add, True, reverse, True, gate_add)
-        out_r, last_r, states_r = _scan_cpu._scan_fwd(*f32[:2], A, B, C, D, f32[2], bias, f32[3], True, reverse,
-                                                       True, gate_add)
+        out, last, states, pre = _scan_cpu._scan_fwd(u, delta, A, B, C, D, z, bias, add, True, reverse, True,
+                                                     gate_add)
+        out_r, last_r, states_r, pre_r = _scan_cpu._scan_fwd(*f32[:2], A, B, C, D, f32[2], bias, f32[3], True,
+                                                             reverse, True, gate_add)
         assert out.dtype == bf and torch.equal(out, out_r.to(bf))
         assert torch.equal(last, last_r) and torch.equal(states, states_r)
+        assert (pre.numel() > 0) == gate_add and torch.equal(pre, pre_r.to(bf) if gate_add else pre_r)
         grads = _scan_cpu._scan_bwd(dout, u, delta, A, B, C, D, z, bias, states, True, reverse,
-                                    add if gate_add else None)
+                                    pre if gate_add else None)
         grads_r = _scan_cpu._scan_bwd(f32[4], *f32[:2], A, B, C, D, f32[2], bias, states_r, True, reverse,
-                                      f32[3] if gate_add else None)
+                                      pre.float() if gate_add else None)
     finally:
         torch.set_num_threads(threads)
     assert (grads[8].numel() > 0) == gate_add

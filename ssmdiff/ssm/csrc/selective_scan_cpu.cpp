@@ -60,16 +60,18 @@ struct ScanArgs {
   // With z and add: 0 adds `add` after the gate, out = (y + D u) silu(z) + add; 1 before it,
   // out = (y + D u + add) silu(z), and the backward writes dadd = dout silu(z) (for a bidirectional block whose
   // directions share the gate: the first direction's call has no z, so no gate pass and no y recompute for dz,
-  // and the second gates the sum). The backward then also reads add (for dz).
+  // and the second gates the sum). pre_gate (u's layout) then takes the sum before the gate: written by the
+  // forward when given, read by the backward for dz, which then recomputes no y either.
   int64_t gate_add;
   float* dadd;
+  float* pre_gate;
 };
 
 enum : int64_t { CONV_BF16_X = 1, CONV_BF16_OUT = 2, CONV_BF16_GOUT = 4, CONV_BF16_DX = 8 };
 
 enum : int64_t {
   BF16_U = 1, BF16_DELTA = 2, BF16_Z = 4, BF16_ADD = 8, BF16_OUT = 16, BF16_DOUT = 32, BF16_DU = 64,
-  BF16_DDELTA = 128, BF16_DZ = 256, BF16_DADD = 512
+  BF16_DDELTA = 128, BF16_DZ = 256, BF16_DADD = 512, BF16_PRE = 1024
 };
 
 // Transpose of the last two axes: dst[b][c][r] = src[b][r][c] for r < rows, c < cols; unit stride along the last
@@ -178,13 +180,14 @@ inline void row_delta(const ScanArgs& a, const RowInfo& ri, const float* drow, f
 // without z; plus `add` when given (summing the two directions of a bidirectional block here saves a pass over
 // both outputs), after the gate or, with gate_add, before it.
 inline void skip_and_gate(const ScanArgs& a, const RowInfo& ri, const float* urow, const float* zrow,
-                          const float* addrow, float* orow, int64_t t0 = 0) {
+                          const float* addrow, float* orow, float* prerow, int64_t t0 = 0) {
   const int64_t L = a.len;
   const float Dd = a.D ? a.D[ri.d] : 0.0f;
   if (zrow && addrow && a.gate_add) {
     for (int64_t t = t0; t < L; ++t) {
-      const float zz = zrow[t];
-      orow[t] = (orow[t] + Dd * urow[t] + addrow[t]) * zz * sigmoid(zz);
+      const float zz = zrow[t], sum = orow[t] + Dd * urow[t] + addrow[t];
+      if (prerow) prerow[t] = sum;
+      orow[t] = sum * zz * sigmoid(zz);
     }
   } else if (zrow) {
     for (int64_t t = t0; t < L; ++t) {
@@ -232,7 +235,8 @@ void forward_rows(const ScanArgs& a, int64_t row0, int64_t row1) {
       orow[t] = y;
     }
     if (a.last_state) std::memcpy(a.last_state + row * n, h, n * sizeof(float));
-    skip_and_gate(a, ri, urow, a.z ? a.z + row * L : nullptr, a.add ? a.add + row * L : nullptr, orow);
+    skip_and_gate(a, ri, urow, a.z ? a.z + row * L : nullptr, a.add ? a.add + row * L : nullptr, orow,
+                  a.pre_gate ? a.pre_gate + row * L : nullptr);
   }
 }
 
@@ -261,13 +265,14 @@ void backward_rows(const ScanArgs& a, int64_t row0, int64_t row1, int64_t tid) {
     row_delta(a, ri, a.delta + row * L, dt, pre);
     // Gradient reaching the scan output y (before D and the gate): dout * silu(z).
     const float* zrow = a.z ? a.z + row * L : nullptr;
-    const float* addrow = zrow && a.gate_add && a.add ? a.add + row * L : nullptr;
+    const bool gated_sum = zrow && a.gate_add;
+    const float* prerow = gated_sum && a.pre_gate ? a.pre_gate + row * L : nullptr;
     if (zrow) {
       for (int64_t t = 0; t < L; ++t) g[t] = gout[t] * zrow[t] * sigmoid(zrow[t]);
     } else {
       for (int64_t t = 0; t < L; ++t) g[t] = gout[t];
     }
-    if (addrow && a.dadd) std::memcpy(a.dadd + row * L, g, L * sizeof(float));
+    if (gated_sum && a.dadd) std::memcpy(a.dadd + row * L, g, L * sizeof(float));
     for (int64_t i = 0; i < n; ++i) dh[i] = 0.0f, dAacc[i] = 0.0f;
     float dDacc = 0.0f;
     for (int64_t c = nchunks - 1; c >= 0; --c) {
@@ -296,10 +301,15 @@ void backward_rows(const ScanArgs& a, int64_t row0, int64_t row1, int64_t tid) {
         const float* hn = hs.data() + (s - s0 + 1) * n;
         const float* at = as.data() + (s - s0) * n;
         if (zrow) {
-          float y = 0.0f;
-          for (int64_t i = 0; i < n; ++i) y += hn[i] * Ct[i];
+          float pre_gate;
+          if (prerow) {
+            pre_gate = prerow[t];
+          } else {
+            float y = 0.0f;
+            for (int64_t i = 0; i < n; ++i) y += hn[i] * Ct[i];
+            pre_gate = y + Dd * ut;
+          }
           const float zz = zrow[t], sg = sigmoid(zz);
-          const float pre_gate = y + Dd * ut + (addrow ? addrow[t] : 0.0f);
           a.dz[row * L + t] = gout[t] * pre_gate * sg * (1.0f + zz * (1.0f - sg));
         }
         const float gy = g[t];
@@ -519,15 +529,16 @@ inline void row_delta_vec(const ScanArgs& a, const RowInfo& ri, const float* dro
 
 // skip_and_gate with whole vectors where there is a gate, the tail (or a row without gate) by skip_and_gate.
 inline void skip_and_gate_vec(const ScanArgs& a, const RowInfo& ri, const float* urow, const float* zrow,
-                              const float* addrow, float* orow) {
+                              const float* addrow, float* orow, float* prerow) {
   const int64_t L = a.len;
   int64_t t = 0;
   if (zrow) {
     const float Dd = a.D ? a.D[ri.d] : 0.0f;
     if (addrow && a.gate_add) {
       for (; t + VW <= L; t += VW) {
-        const vf zz = load(zrow + t);
-        store(orow + t, (load(orow + t) + Dd * load(urow + t) + load(addrow + t)) * zz * vsigmoid(zz));
+        const vf zz = load(zrow + t), sum = load(orow + t) + Dd * load(urow + t) + load(addrow + t);
+        if (prerow) store(prerow + t, sum);
+        store(orow + t, sum * zz * vsigmoid(zz));
       }
     } else {
       for (; t + VW <= L; t += VW) {
@@ -538,7 +549,7 @@ inline void skip_and_gate_vec(const ScanArgs& a, const RowInfo& ri, const float*
       }
     }
   }
-  skip_and_gate(a, ri, urow, zrow, addrow, orow, t);
+  skip_and_gate(a, ri, urow, zrow, addrow, orow, prerow, t);
 }
 
 // bfloat16 rows: widen exactly; narrow with round-to-nearest-even (NaN stays NaN), as torch's .to(bfloat16) does.
@@ -587,7 +598,7 @@ void forward_rows_vec(const ScanArgs& a, int64_t row0, int64_t row1) {
   std::vector<float> dtbuf(L), xbuf(L);
   float *dt = dtbuf.data(), *xs = xbuf.data();
   const bool staged = a.bf16_io != 0;
-  std::vector<float> stage(staged ? 5 * L : 0);
+  std::vector<float> stage(staged ? 6 * L : 0);
   float* sb = stage.data();
   for (int64_t row = row0; row < row1; ++row) {
     const RowInfo ri = row_info(a, row);
@@ -596,6 +607,8 @@ void forward_rows_vec(const ScanArgs& a, int64_t row0, int64_t row1) {
     const float* zrow = in_row(a.z, a.bf16_io & BF16_Z, row, L, sb + 2 * L);
     const float* addrow = in_row(a.add, a.bf16_io & BF16_ADD, row, L, sb + 3 * L);
     float* orow = out_row(a.out, a.bf16_io & BF16_OUT, row, L, sb + 4 * L);
+    float* prerow = zrow && addrow && a.gate_add ? out_row(a.pre_gate, a.bf16_io & BF16_PRE, row, L, sb + 5 * L)
+                                                 : nullptr;
     const float* Bg = a.B + (ri.b * a.groups + ri.grp) * L * NS;
     const float* Cg = a.C + (ri.b * a.groups + ri.grp) * L * NS;
     float* cs = a.chunk_states ? a.chunk_states + row * nchunks * NS : nullptr;
@@ -636,8 +649,9 @@ void forward_rows_vec(const ScanArgs& a, int64_t row0, int64_t row1) {
     }
     if (a.last_state)
       for (int j = 0; j < NV; ++j) store(a.last_state + row * NS + j * SW, h[j]);
-    skip_and_gate_vec(a, ri, urow, zrow, addrow, orow);
+    skip_and_gate_vec(a, ri, urow, zrow, addrow, orow, prerow);
     out_row_done(a.out, a.bf16_io & BF16_OUT, row, L, orow);
+    if (prerow) out_row_done(a.pre_gate, a.bf16_io & BF16_PRE, row, L, prerow);
   }
 }
 
@@ -705,7 +719,7 @@ inline void bwd_prepass(const ScanArgs& a, const RowInfo& ri, const float* drow,
 
 // One pass for the per-position gradients: du, ddelta (through softplus), dz, and the sums for dD and the bias.
 inline void bwd_epilogue(const ScanArgs& a, const RowInfo& ri, int64_t row, const float* urow, const float* zrow,
-                         const float* addrow, float* durow, BwdRow& r) {
+                         const float* prerow, float* durow, BwdRow& r) {
   const int64_t L = a.len;
   const float Dd = a.D ? a.D[ri.d] : 0.0f;
   const float *dt = r.dt.data(), *sig = r.sig.data(), *g = r.g.data(), *zf = r.zf.data();
@@ -723,11 +737,7 @@ inline void bwd_epilogue(const ScanArgs& a, const RowInfo& ri, int64_t row, cons
     store(ddrow + i, dd);
     dbv += dd;
     dDv += gv * uv;
-    if (dzrow) {
-      vf pre_gate = load(ys + i) + Dd * uv;
-      if (addrow) pre_gate += load(addrow + i);
-      store(dzrow + i, load(zf + i) * pre_gate);
-    }
+    if (dzrow) store(dzrow + i, load(zf + i) * (prerow ? load(prerow + i) : load(ys + i) + Dd * uv));
   }
   float dDacc = hsum(dDv), dbias = hsum(dbv);
   for (; i < L; ++i) {
@@ -737,9 +747,9 @@ inline void bwd_epilogue(const ScanArgs& a, const RowInfo& ri, int64_t row, cons
     ddrow[i] = dd;
     dbias += dd;
     dDacc += g[i] * urow[i];
-    if (dzrow) dzrow[i] = zf[i] * (ys[i] + Dd * urow[i] + (addrow ? addrow[i] : 0.0f));
+    if (dzrow) dzrow[i] = zf[i] * (prerow ? prerow[i] : ys[i] + Dd * urow[i]);
   }
-  if (addrow && a.dadd) {  // dadd = g = dout silu(z), the gradient reaching the gated sum
+  if (zrow && a.gate_add && a.dadd) {  // dadd = g = dout silu(z), the gradient reaching the gated sum
     float* darow = out_row(a.dadd, a.bf16_io & BF16_DADD, row, L, sb + 8 * L);
     std::memcpy(darow, g, L * sizeof(float));
     out_row_done(a.dadd, a.bf16_io & BF16_DADD, row, L, darow);
@@ -765,7 +775,7 @@ void backward_group(const ScanArgs& a, int64_t row, int64_t tid, BwdRow* rb) {
   const int64_t bc_off = (ri0.b * a.groups + ri0.grp) * L * NS;
   const float *Bg = a.B + bc_off, *Cg = a.C + bc_off;
   float *dBg = dBthr + bc_off, *dCg = dCthr + bc_off;
-  const float *urow[R], *zrow[R], *addrow[R], *cs[R], *dt[R], *xs[R], *g[R];
+  const float *urow[R], *zrow[R], *prerow[R], *cs[R], *dt[R], *xs[R], *g[R];
   float* durow[R];
   SV Av[R][NV], A2[R][NV], dh[R][NV], dAacc[R][NV];
   for (int r = 0; r < R; ++r) {
@@ -776,7 +786,7 @@ void backward_group(const ScanArgs& a, int64_t row, int64_t tid, BwdRow* rb) {
     durow[r] = out_row(a.du, a.bf16_io & BF16_DU, row + r, L, sb + 2 * L);
     const float* drow = in_row(a.delta, a.bf16_io & BF16_DELTA, row + r, L, sb + 3 * L);
     zrow[r] = in_row(a.z, a.bf16_io & BF16_Z, row + r, L, sb + 4 * L);
-    addrow[r] = zrow[r] && a.gate_add ? in_row(a.add, a.bf16_io & BF16_ADD, row + r, L, sb + 7 * L) : nullptr;
+    prerow[r] = zrow[r] && a.gate_add ? in_row(a.pre_gate, a.bf16_io & BF16_PRE, row + r, L, sb + 7 * L) : nullptr;
     cs[r] = a.chunk_states + (row + r) * nchunks * NS;
     bwd_prepass(a, ri, drow, urow[r], gout, zrow[r], rb[r]);
     dt[r] = rb[r].dt.data(), xs[r] = rb[r].xs.data(), g[r] = rb[r].g.data();
@@ -785,7 +795,8 @@ void backward_group(const ScanArgs& a, int64_t row, int64_t tid, BwdRow* rb) {
       dh[r][j] = SV{}, dAacc[r][j] = SV{};
     }
   }
-  const bool has_z = a.z != nullptr;
+  // y is recomputed only for dz, and not where the forward kept the sum before the gate.
+  const bool has_z = a.z != nullptr && !(a.gate_add && a.pre_gate);
   for (int64_t c = nchunks - 1; c >= 0; --c) {
     const int64_t s0 = c * K, s1 = std::min(L, s0 + K);
     SV h[R][NV];
@@ -849,7 +860,7 @@ void backward_group(const ScanArgs& a, int64_t row, int64_t tid, BwdRow* rb) {
     }
   }
   for (int r = 0; r < R; ++r) {
-    bwd_epilogue(a, row_info(a, row + r), row + r, urow[r], zrow[r], addrow[r], durow[r], rb[r]);
+    bwd_epilogue(a, row_info(a, row + r), row + r, urow[r], zrow[r], prerow[r], durow[r], rb[r]);
     for (int j = 0; j < NV; ++j) store(a.dA_rows + (row + r) * NS + j * SW, dAacc[r][j]);
   }
 }
@@ -992,7 +1003,7 @@ void forward_sd(const ScanArgs& a, int64_t unit0, int64_t unit1) {
       const int64_t row = hi.row0 + i;
       if (a.last_state) std::memcpy(a.last_state + row * NS, H + i * NS, NS * sizeof(float));
       skip_and_gate(a, row_info(a, row), a.u + u_offset(a, hi, i), nullptr, a.add ? a.add + row * L : nullptr,
-                    a.out + row * L);
+                    a.out + row * L, nullptr);
     }
   }
 }
@@ -1265,7 +1276,7 @@ void with_state_size(int64_t n, F&& f) {
 
 extern "C" {
 
-int ssmdiff_scan_abi_version() { return 8; }
+int ssmdiff_scan_abi_version() { return 9; }
 
 void ssmdiff_transpose(const TransposeArgs* a) {
   const int64_t units = a->batch * ((a->rows + 15) / 16);

@@ -31,7 +31,7 @@ import torch
 
 CHUNK = 64
 _SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "selective_scan_cpu.cpp"
-_ABI_VERSION = 8
+_ABI_VERSION = 9
 # -ffast-math only when compiling: linking with it would add crtfastmath.o, which flips the whole process into
 # flush-to-zero mode on load (the kernel flushes denormals only inside its own threads).
 _COMPILE_FLAGS = ["-O3", "-march=native", "-ffast-math", "-fPIC", "-std=c++17"]
@@ -53,13 +53,14 @@ class _ScanArgs(ctypes.Structure):
         + [(name, ctypes.c_void_p) for name in
            ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "add", "out", "last_state", "chunk_states", "dout",
             "du", "ddelta", "dz", "dA_rows", "dD_rows", "dbias_rows", "dB_threads", "dC_threads")]
-        + [("bf16_io", ctypes.c_int64), ("gate_add", ctypes.c_int64), ("dadd", ctypes.c_void_p)]
+        + [("bf16_io", ctypes.c_int64), ("gate_add", ctypes.c_int64), ("dadd", ctypes.c_void_p),
+                                                ("pre_gate", ctypes.c_void_p)]
     )
 
 
 # Bits of _ScanArgs.bf16_io: which row tensors the kernel reads or writes as bfloat16 (see the C++ ScanArgs).
 _BF16_BITS = {"u": 1, "delta": 2, "z": 4, "add": 8, "out": 16, "dout": 32, "du": 64, "ddelta": 128, "dz": 256,
-              "dadd": 512}
+              "dadd": 512, "pre_gate": 1024}
 
 
 class _ConvSiluArgs(ctypes.Structure):
@@ -256,12 +257,15 @@ def _forward(u, delta, A, Bt, Ct, D, z, delta_bias, softplus, reverse, keep_stat
     out = io.output("out", (b, d, length), out_dtype) if io else torch.empty((b, d, length), dtype=torch.float32)
     last = torch.empty((b, d, n), dtype=torch.float32)
     states = torch.empty((b, d, -(-length // CHUNK), n), dtype=torch.float32) if keep_states else None
+    # The sum before the gate, for the backward's dz (gate_add with z and add, when training).
+    keep_pre = keep_states and gate_add and add is not None and z is not None
+    pre = (io.output("pre_gate", (b, d, length), out_dtype) if io else torch.empty_like(out)) if keep_pre else None
     a = _args(u, delta, A, Bt, Ct, D, z, delta_bias, softplus, reverse, head_dim)
     a.bf16_io = io.bits if io else 0
-    a.add, a.gate_add = _ptr(add), int(gate_add)
+    a.add, a.gate_add, a.pre_gate = _ptr(add), int(gate_add), _ptr(pre)
     a.out, a.last_state, a.chunk_states = _ptr(out), _ptr(last), _ptr(states)
     _lib.ssmdiff_scan_forward(ctypes.byref(a))
-    return out, last, states
+    return out, last, states, pre
 
 
 def _thread_accumulators(a: _ScanArgs) -> tuple[torch.Tensor, torch.Tensor]:
@@ -290,15 +294,21 @@ def _none_if_empty(t: torch.Tensor, present: bool):
 def _scan_fwd(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
               D: Optional[torch.Tensor], z: Optional[torch.Tensor], delta_bias: Optional[torch.Tensor],
               add: Optional[torch.Tensor], softplus: bool, reverse: bool, keep: bool,
-              gate_add: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(out in u's dtype, last state (b, d, n) float32, chunk states for the backward or an empty tensor).
-    bfloat16 u, delta, z, add and out are converted row by row inside the kernel (``_RowIO``). ``gate_add``: add
-    joins before the gate, out = (y + D u + add) silu(z)."""
+              gate_add: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(out in u's dtype, last state (b, d, n) float32, chunk states for the backward or an empty tensor, the sum
+    before the gate or an empty tensor). bfloat16 u, delta, z, add and out are converted row by row inside the
+    kernel (``_RowIO``). ``gate_add``: add joins before the gate, out = (y + D u + add) silu(z); with ``keep`` (and
+    z and add) that sum is kept for the backward's dz, which then recomputes no y."""
     io = _RowIO(_bf16_rows_ok(A.shape[1]))
-    out, last, states = _forward(io.input("u", u), io.input("delta", delta), _f32(A), _state_last(B), _state_last(C),
+    out, last, states, pre = _forward(io.input("u", u), io.input("delta", delta), _f32(A), _state_last(B), _state_last(C),
                                  _f32(D), io.input("z", z), _f32(delta_bias), softplus, reverse, keep_states=keep,
                                  add=io.input("add", add), io=io, out_dtype=u.dtype, gate_add=gate_add)
-    return out.to(u.dtype), last, states if keep else last.new_empty(_EMPTY)
+    return (out.to(u.dtype), last, states if keep else last.new_empty(_EMPTY),
+            last.new_empty(_EMPTY) if pre is None else pre.to(u.dtype))
+
+
+def _keeps_pre_gate(z, add, keep: bool, gate_add: bool) -> bool:
+    return keep and gate_add and add is not None and z is not None
 
 
 @_scan_fwd.register_fake
@@ -306,21 +316,23 @@ def _(u, delta, A, B, C, D, z, delta_bias, add, softplus, reverse, keep, gate_ad
     b, d, length = u.shape
     n = A.shape[1]
     states = (b, d, -(-length // CHUNK), n) if keep else _EMPTY
+    pre = u.new_empty((b, d, length)) if _keeps_pre_gate(z, add, keep, gate_add) else u.new_empty(_EMPTY,
+                                                                                                  dtype=torch.float32)
     return (u.new_empty((b, d, length)), u.new_empty((b, d, n), dtype=torch.float32),
-            u.new_empty(states, dtype=torch.float32))
+            u.new_empty(states, dtype=torch.float32), pre)
 
 
 @torch.library.custom_op("ssmdiff::selective_scan_bwd", mutates_args=(), device_types="cpu")
 def _scan_bwd(dout: torch.Tensor, u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
               C: torch.Tensor, D: Optional[torch.Tensor], z: Optional[torch.Tensor],
               delta_bias: Optional[torch.Tensor], states: torch.Tensor, softplus: bool, reverse: bool,
-              add: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+              pre_gate: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                                            torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                                            torch.Tensor]:
     """(du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dadd) in their inputs' dtypes; empty for an absent input.
 
-    ``add`` is given for a forward with ``gate_add`` and z (it enters dz); dadd is then dout silu(z), otherwise
-    empty (the caller passes dout itself on)."""
+    ``pre_gate`` (the forward's fourth output) is given for a forward with ``gate_add``, z and add: dz is computed
+    from it, and dadd is dout silu(z); otherwise dadd is empty (the caller passes dout itself on)."""
     b, d, length = u.shape
     n = A.shape[1]
     io = _RowIO(_bf16_rows_ok(n))
@@ -329,15 +341,15 @@ def _scan_bwd(dout: torch.Tensor, u: torch.Tensor, delta: torch.Tensor, A: torch
     dout = io.input("dout", dout)
     du, ddelta = io.output("du", (b, d, length), u.dtype), io.output("ddelta", (b, d, length), delta.dtype)
     dz = io.output("dz", (b, d, length), z.dtype) if z is not None else None
-    gated_add = add is not None and z is not None
-    dadd = io.output("dadd", (b, d, length), add.dtype) if gated_add else None
+    gated_add = pre_gate is not None and z is not None
+    dadd = io.output("dadd", (b, d, length), pre_gate.dtype) if gated_add else None
     dA_rows = torch.empty((b, d, n), dtype=torch.float32)
     dD_rows = torch.empty((b, d), dtype=torch.float32)
     dbias_rows = torch.empty((b, d), dtype=torch.float32)
     a = _args(*f, softplus, reverse)
-    add_in = io.input("add", add) if gated_add else None  # held here: the kernel reads it through a raw pointer
+    pre_in = io.input("pre_gate", pre_gate) if gated_add else None  # held: the kernel reads it by raw pointer
     if gated_add:
-        a.gate_add, a.add, a.dadd = 1, _ptr(add_in), _ptr(dadd)
+        a.gate_add, a.pre_gate, a.dadd = 1, _ptr(pre_in), _ptr(dadd)
     a.bf16_io = io.bits
     dB_thr, dC_thr = _thread_accumulators(a)
     a.chunk_states, a.dout = _ptr(states), _ptr(dout)
@@ -356,7 +368,7 @@ def _scan_bwd(dout: torch.Tensor, u: torch.Tensor, delta: torch.Tensor, A: torch
             bc_grad(dC_thr, C), empty() if D is None else dD_rows.sum(0).to(D.dtype),
             empty() if z is None else dz.to(z.dtype),
             empty() if delta_bias is None else dbias_rows.sum(0).to(delta_bias.dtype),
-            dadd.to(add.dtype) if gated_add else empty())
+            dadd.to(pre_gate.dtype) if gated_add else empty())
 
 
 def _contiguous_like(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
@@ -366,27 +378,29 @@ def _contiguous_like(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor
 
 
 @_scan_bwd.register_fake
-def _(dout, u, delta, A, B, C, D, z, delta_bias, states, softplus, reverse, add=None):
+def _(dout, u, delta, A, B, C, D, z, delta_bias, states, softplus, reverse, pre_gate=None):
     return tuple(_contiguous_like(t, u) for t in (u, delta, A, B, C, D, z, delta_bias,
-                                                 add if add is not None and z is not None else None))
+                                                 pre_gate if pre_gate is not None and z is not None else None))
 
 
 def _scan_setup(ctx, inputs, output):
     u, delta, A, B, C, D, z, delta_bias, add, softplus, reverse, keep, gate_add = inputs
-    ctx.gated_add = bool(gate_add) and add is not None and z is not None
-    ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, output[2], add if ctx.gated_add else None)
+    ctx.gated_add = _keeps_pre_gate(z, add, keep, gate_add)
+    ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, output[2], output[3] if ctx.gated_add else None)
     ctx.flags = (softplus, reverse)
     ctx.add_dtype = None if add is None else add.dtype
 
 
-def _scan_backward(ctx, dout, _dlast, _dstates):
-    u, delta, A, B, C, D, z, delta_bias, states, add = ctx.saved_tensors
+def _scan_backward(ctx, dout, _dlast, _dstates, _dpre):
+    u, delta, A, B, C, D, z, delta_bias, states, pre = ctx.saved_tensors
     dout = torch.zeros_like(u) if dout is None else dout
     du, ddelta, dA, dB, dC, dD, dz, dbias, dadd = _scan_bwd(dout, u, delta, A, B, C, D, z, delta_bias, states,
-                                                            *ctx.flags, add)
+                                                            *ctx.flags, pre)
     if ctx.add_dtype is None:
         dadd = None
-    elif not ctx.gated_add:
+    elif ctx.gated_add:
+        dadd = dadd.to(ctx.add_dtype)
+    else:
         dadd = dout.to(ctx.add_dtype)  # added after the gate (or no gate): the output's gradient itself
     return (du, ddelta, dA, dB, dC, _none_if_empty(dD, D is not None), _none_if_empty(dz, z is not None),
             _none_if_empty(dbias, delta_bias is not None), dadd, None, None, None, None)
@@ -406,8 +420,8 @@ def selective_scan_cpu(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
     # Grad mode is off inside Function.forward, so whether to keep chunk states is decided here.
     keep = torch.is_grad_enabled() and any(t is not None and t.requires_grad
                                            for t in (u, delta, A, B, C, D, z, delta_bias, add))
-    out, last, _ = _scan_fwd(u, delta, A, B, C, D, z, delta_bias, add, bool(delta_softplus), bool(reverse), keep,
-                             bool(gate_add))
+    out, last, _, _ = _scan_fwd(u, delta, A, B, C, D, z, delta_bias, add, bool(delta_softplus), bool(reverse),
+                                keep, bool(gate_add))
     return out, last
 
 
