@@ -925,7 +925,9 @@ template <typename F>
 void parallel_rows(const ScanArgs& a, F&& fn) {
   const int64_t rows = a.batch * a.dim;
   const int64_t T = std::max<int64_t>(1, std::min<int64_t>(a.nthreads, rows));
-  parallel_for(rows, a.nthreads, std::max<int64_t>(1, rows / (T * 16)), fn);
+  // Even blocks, so that the vector backward's row pairs never straddle two blocks.
+  const int64_t block = std::max<int64_t>(2, (rows / (T * 16) + 1) & ~int64_t(1));
+  parallel_for(rows, a.nthreads, block, fn);
 }
 
 // ---- Scalar-decay (SSD) mode: one (batch, head) unit at a time, time chunk by chunk across the head's rows.
