@@ -5,7 +5,7 @@
 // gradients it gets back.
 //
 // Layouts (all float32, contiguous):
-//   u, delta, z, add, out, du, ddelta, dz, dout : (batch, dim, len)
+//   u, delta, z, add, out, pre_gate, du, ddelta, dz, dout, dadd : (batch, dim, len)
 //   A : (dim, n)     B, C, dB, dC : (batch, groups, len, n)  -- state last, so one time step is one short vector
 //   chunk_states : (batch * dim, ceil(len / chunk), n), the state *before* step s = k * chunk (scan order)
 //
@@ -52,7 +52,8 @@ struct ScanArgs {
   // backward only
   const float *dout;
   float *du, *ddelta, *dz, *dA_rows, *dD_rows, *dbias_rows, *dB_threads, *dC_threads;
-  // Which of u, delta, z, add, out, dout, du, ddelta, dz hold bfloat16 instead of float32 (BF16_* bits). Only the
+  // Which of the row tensors (u, delta, z, add, out, dout, du, ddelta, dz, dadd, pre_gate) hold bfloat16 instead
+  // of float32 (BF16_* bits). Only the
   // vector Mamba-1 rows read and write them (state sizes 8..64, no SSD mode): one row at a time is converted into a
   // float32 buffer on the way in and rounded to nearest-even on the way out, so the caller needs no
   // whole-tensor conversion under autocast.
