@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 
 import pytest
 import torch
@@ -148,6 +149,14 @@ def test_cpu_kernel_grouped_bc(groups, reverse, length):
 def test_cpu_kernel_state_sizes(state):
     inputs, kw = _case(70, OPTION_SETS["full"], state=state, reverse=state % 2 == 1)
     compare(inputs, "cpu", FP32_TOL, **kw)
+
+
+def test_kernel_builds_where_a_compiler_is_present():
+    """With a C++ compiler on PATH and compiling allowed, the kernel must build. The library falls back to the
+    PyTorch scan by design, so a build error would otherwise only turn every kernel test into a skip."""
+    if os.environ.get("SSMDIFF_NO_COMPILE") or _scan_cpu._compiler() is None:
+        pytest.skip("no C++ compiler, or SSMDIFF_NO_COMPILE set: the fallback is the intended behaviour")
+    assert _scan_cpu.available(), _scan_cpu._load_error
 
 
 @needs_kernel
