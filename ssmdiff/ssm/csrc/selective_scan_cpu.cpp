@@ -53,10 +53,9 @@ struct ScanArgs {
   const float *dout;
   float *du, *ddelta, *dz, *dA_rows, *dD_rows, *dbias_rows, *dB_threads, *dC_threads;
   // Which of the row tensors (u, delta, z, add, out, dout, du, ddelta, dz, dadd, pre_gate) hold bfloat16 instead
-  // of float32 (BF16_* bits). Only the
-  // vector Mamba-1 rows read and write them (state sizes 8..64, no SSD mode): one row at a time is converted into a
-  // float32 buffer on the way in and rounded to nearest-even on the way out, so the caller needs no
-  // whole-tensor conversion under autocast.
+  // of float32 (BF16_* bits). Only the vector Mamba-1 rows read and write them (state sizes 8..64, no SSD mode):
+  // one row at a time is converted into a float32 buffer on the way in and rounded to nearest-even on the way out,
+  // so the caller needs no whole-tensor conversion under autocast.
   int64_t bf16_io;
   // With z and add: 0 adds `add` after the gate, out = (y + D u) silu(z) + add; 1 before it,
   // out = (y + D u + add) silu(z), and the backward writes dadd = dout silu(z) (for a bidirectional block whose
@@ -663,14 +662,18 @@ inline bool pair_shares_bc(const ScanArgs& a, int64_t row, int R, int64_t row1) 
   return first.b == last.b && first.grp == last.grp;
 }
 
+// Whether the vector backward recomputes the scan output y: only for dz, and not where the forward kept the sum
+// before the gate.
+inline bool recomputes_y(const ScanArgs& a) { return a.z && !(a.gate_add && a.pre_gate); }
+
 // One row's buffers in the vector backward (each thread keeps one set per row it walks at once).
 struct BwdRow {
   std::vector<float> dt, sig, g, zf, xs, dxs, dss, ys, hs, as, stage;
   std::vector<vf> dxbuf, dsbuf, ybuf;  // per-step partial sums, reduced 8 steps at a time after each chunk
   BwdRow(const ScanArgs& a, int64_t ns)
       : dt(a.len), sig(a.softplus ? a.len : 0), g(a.len), zf(a.z ? a.len : 0), xs(a.len), dxs(a.len), dss(a.len),
-        ys(a.z ? a.len : 0), hs((a.chunk + 1) * ns), as(a.chunk * ns), stage(a.bf16_io ? 9 * a.len : 0),
-        dxbuf(a.chunk), dsbuf(a.chunk), ybuf(a.z ? a.chunk : 0) {}
+        ys(recomputes_y(a) ? a.len : 0), hs((a.chunk + 1) * ns), as(a.chunk * ns), stage(a.bf16_io ? 9 * a.len : 0),
+        dxbuf(a.chunk), dsbuf(a.chunk), ybuf(recomputes_y(a) ? a.chunk : 0) {}
 };
 
 // The row's inputs in one pass: delta after bias (and softplus, keeping its derivative for ddelta), the scan input
@@ -796,8 +799,7 @@ void backward_group(const ScanArgs& a, int64_t row, int64_t tid, BwdRow* rb) {
       dh[r][j] = SV{}, dAacc[r][j] = SV{};
     }
   }
-  // y is recomputed only for dz, and not where the forward kept the sum before the gate.
-  const bool has_z = a.z != nullptr && !(a.gate_add && a.pre_gate);
+  const bool recompute_y = recomputes_y(a);
   for (int64_t c = nchunks - 1; c >= 0; --c) {
     const int64_t s0 = c * K, s1 = std::min(L, s0 + K);
     SV h[R][NV];
@@ -835,7 +837,7 @@ void backward_group(const ScanArgs& a, int64_t row, int64_t tid, BwdRow* rb) {
           const float* hp = rb[r].hs.data() + k * NS;
           const SV hnj = load_sv(hp + NS + o, SV{}), hpj = load_sv(hp + o, SV{});
           const SV aj = load_sv(rb[r].as.data() + k * NS + o, SV{});
-          if (has_z) yv[r] += hnj * Cj;
+          if (recompute_y) yv[r] += hnj * Cj;
           dCj += gv[r] * hnj;
           const SV dhi = dh[r][j] + gv[r] * Cj;
           dBj += dhi * xv[r];
@@ -851,13 +853,13 @@ void backward_group(const ScanArgs& a, int64_t row, int64_t tid, BwdRow* rb) {
       for (int r = 0; r < R; ++r) {
         rb[r].dxbuf[k] = fold(dxv[r]);
         rb[r].dsbuf[k] = fold(ddtv[r]);
-        if (has_z) rb[r].ybuf[k] = fold(yv[r]);
+        if (recompute_y) rb[r].ybuf[k] = fold(yv[r]);
       }
     }
     for (int r = 0; r < R; ++r) {
       reduce_steps(rb[r].dxbuf.data(), s1 - s0, s0, L, a.reverse, rb[r].dxs.data());
       reduce_steps(rb[r].dsbuf.data(), s1 - s0, s0, L, a.reverse, rb[r].dss.data());
-      if (has_z) reduce_steps(rb[r].ybuf.data(), s1 - s0, s0, L, a.reverse, rb[r].ys.data());
+      if (recompute_y) reduce_steps(rb[r].ybuf.data(), s1 - s0, s0, L, a.reverse, rb[r].ys.data());
     }
   }
   for (int r = 0; r < R; ++r) {

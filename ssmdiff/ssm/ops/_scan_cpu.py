@@ -250,6 +250,11 @@ class _RowIO:
         return torch.empty(shape, dtype=torch.float32)
 
 
+def _keeps_pre_gate(z, add, keep: bool, gate_add: bool) -> bool:
+    """Whether a forward keeps the sum before the gate for the backward's dz: gate_add with z and add, training."""
+    return keep and gate_add and add is not None and z is not None
+
+
 def _forward(u, delta, A, Bt, Ct, D, z, delta_bias, softplus, reverse, keep_states: bool, add=None, head_dim=0,
              io: _RowIO | None = None, out_dtype: torch.dtype = torch.float32, gate_add: bool = False):
     b, d, length = u.shape
@@ -257,9 +262,9 @@ def _forward(u, delta, A, Bt, Ct, D, z, delta_bias, softplus, reverse, keep_stat
     out = io.output("out", (b, d, length), out_dtype) if io else torch.empty((b, d, length), dtype=torch.float32)
     last = torch.empty((b, d, n), dtype=torch.float32)
     states = torch.empty((b, d, -(-length // CHUNK), n), dtype=torch.float32) if keep_states else None
-    # The sum before the gate, for the backward's dz (gate_add with z and add, when training).
-    keep_pre = keep_states and gate_add and add is not None and z is not None
-    pre = (io.output("pre_gate", (b, d, length), out_dtype) if io else torch.empty_like(out)) if keep_pre else None
+    pre = None
+    if _keeps_pre_gate(z, add, keep_states, gate_add):
+        pre = io.output("pre_gate", (b, d, length), out_dtype) if io else torch.empty_like(out)
     a = _args(u, delta, A, Bt, Ct, D, z, delta_bias, softplus, reverse, head_dim)
     a.bf16_io = io.bits if io else 0
     a.add, a.gate_add, a.pre_gate = _ptr(add), int(gate_add), _ptr(pre)
@@ -300,15 +305,12 @@ def _scan_fwd(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Te
     kernel (``_RowIO``). ``gate_add``: add joins before the gate, out = (y + D u + add) silu(z); with ``keep`` (and
     z and add) that sum is kept for the backward's dz, which then recomputes no y."""
     io = _RowIO(_bf16_rows_ok(A.shape[1]))
-    out, last, states, pre = _forward(io.input("u", u), io.input("delta", delta), _f32(A), _state_last(B), _state_last(C),
-                                 _f32(D), io.input("z", z), _f32(delta_bias), softplus, reverse, keep_states=keep,
-                                 add=io.input("add", add), io=io, out_dtype=u.dtype, gate_add=gate_add)
+    out, last, states, pre = _forward(io.input("u", u), io.input("delta", delta), _f32(A), _state_last(B),
+                                      _state_last(C), _f32(D), io.input("z", z), _f32(delta_bias), softplus, reverse,
+                                      keep_states=keep, add=io.input("add", add), io=io, out_dtype=u.dtype,
+                                      gate_add=gate_add)
     return (out.to(u.dtype), last, states if keep else last.new_empty(_EMPTY),
             last.new_empty(_EMPTY) if pre is None else pre.to(u.dtype))
-
-
-def _keeps_pre_gate(z, add, keep: bool, gate_add: bool) -> bool:
-    return keep and gate_add and add is not None and z is not None
 
 
 @_scan_fwd.register_fake
@@ -347,8 +349,9 @@ def _scan_bwd(dout: torch.Tensor, u: torch.Tensor, delta: torch.Tensor, A: torch
     dD_rows = torch.empty((b, d), dtype=torch.float32)
     dbias_rows = torch.empty((b, d), dtype=torch.float32)
     a = _args(*f, softplus, reverse)
-    pre_in = io.input("pre_gate", pre_gate) if gated_add else None  # held: the kernel reads it by raw pointer
+    pre_in = None
     if gated_add:
+        pre_in = io.input("pre_gate", pre_gate)  # held in this frame: the kernel reads it by raw pointer
         a.gate_add, a.pre_gate, a.dadd = 1, _ptr(pre_in), _ptr(dadd)
     a.bf16_io = io.bits
     dB_thr, dC_thr = _thread_accumulators(a)
