@@ -532,6 +532,11 @@ def test_cpu_kernels_are_well_formed_custom_ops():
                           (x_t, leaf(d, 1, 4), leaf(d), leaf(d, 1, 4), None, False, True))
     u_t = torch.randn(b, length, d).transpose(1, 2).requires_grad_(True)
     torch.library.opcheck(torch.ops.ssmdiff.selective_scan_fwd.default, (u_t,) + scan_args[1:])
+    for dtype in (torch.float32, torch.bfloat16):  # residual add + RMSNorm: with and without a residual and scale
+        h = torch.randn(b, length, d).to(dtype).requires_grad_()
+        torch.library.opcheck(torch.ops.ssmdiff.add_rms_norm_fwd.default,
+                              (h, leaf(b, length, d), torch.tensor([0.0, 2.0]), leaf(d), 1e-5))
+        torch.library.opcheck(torch.ops.ssmdiff.add_rms_norm_fwd.default, (h, None, None, leaf(d), 1e-6))
 
 
 @needs_kernel

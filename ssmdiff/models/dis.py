@@ -30,6 +30,7 @@ from .layers import (
     PatchEmbed,
     RMSNorm,
     TimestepEmbedder,
+    add_rms_norm,
     maybe_checkpoint,
     unpatchify,
 )
@@ -90,12 +91,8 @@ class DiSBlock(nn.Module):
     def forward(self, hidden, residual=None, skip=None):
         if self.skip_linear is not None:
             hidden = self.skip_linear(torch.cat([hidden, skip], dim=-1))
-        residual = hidden if residual is None else residual + self.drop_path(hidden)
-        if self.residual_in_fp32:
-            # Summing dozens of bf16 branch outputs loses the small updates; keep the stream in fp32.
-            residual = residual.float()
-        hidden = self.mixer(self.norm(residual).to(hidden.dtype))
-        return hidden, residual
+        normed, residual = add_rms_norm(hidden, residual, self.norm, self.drop_path, self.residual_in_fp32)
+        return self.mixer(normed), residual
 
 
 class DiS(SSMDiffModelMixin):
@@ -208,8 +205,7 @@ class DiS(SSMDiffModelMixin):
         h, residual = maybe_checkpoint(ckpt, self.mid_block, h, residual)
         for blk in self.out_blocks:
             h, residual = maybe_checkpoint(ckpt, blk, h, residual, skips.pop())
-        residual = residual + self.final_drop_path(h)
-        h = self.norm_f(residual).to(h.dtype)
+        h, _ = add_rms_norm(h, residual, self.norm_f, self.final_drop_path, residual_in_fp32=False)
 
         h = self.final_layer(h, cond if self.label_emb is not None else None)
         h = h[:, self.num_extra_tokens:]

@@ -24,6 +24,7 @@ __all__ = [
     "sincos_pos_embed_2d",
     "RMSNorm",
     "DropPath",
+    "add_rms_norm",
     "modulate",
     "FinalLayer",
     "interpolate_grid_table",
@@ -142,6 +143,34 @@ class RMSNorm(nn.Module):
         return (y * self.weight.float()).to(x.dtype)
 
 
+def add_rms_norm(hidden: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm, drop_path: DropPath | None = None,
+                 residual_in_fp32: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """mamba-ssm's "Add -> RMSNorm": residual = hidden if residual is None else residual + drop_path(hidden), in
+    float32 when ``residual_in_fp32``; returns (norm(residual) in hidden's dtype, residual).
+
+    On CPU with the compiled kernels, when the new residual is float32 and hidden is float32 or bfloat16, this is
+    one pass over the rows forward and one backward (``add_rms_norm_cpu``); the composite made about ten forward
+    and more backward, 5-6% of a DiS-S/2 bf16 training step (``benchmarks/step.py``). Elsewhere it is the
+    composite, which is also the reference the tests hold the kernel to.
+    """
+    from ..ssm.ops import _scan_cpu
+
+    if (hidden.device.type == "cpu" and hidden.dtype in (torch.float32, torch.bfloat16) and hidden.dim() >= 2
+            and (residual is None or (residual.dtype == torch.float32 and residual.shape == hidden.shape))
+            and (residual_in_fp32 or hidden.dtype == torch.float32 or residual is not None)  # a float32 result
+            and _scan_cpu.available()):
+        scale = None if residual is None or drop_path is None else drop_path.sample_scale(hidden)
+        return _scan_cpu.add_rms_norm_cpu(hidden, residual, norm.weight, norm.eps, scale)
+    if residual is None:
+        residual = hidden
+    else:
+        residual = residual + (hidden if drop_path is None else drop_path(hidden))
+    if residual_in_fp32:
+        # Summing dozens of bf16 branch outputs loses the small updates; keep the stream in fp32.
+        residual = residual.float()
+    return norm(residual).to(hidden.dtype), residual
+
+
 class DropPath(nn.Module):
     """Stochastic depth: zero a whole residual branch per sample with probability ``p`` (rescaled by 1/(1-p))."""
 
@@ -170,6 +199,14 @@ class DropPath(nn.Module):
         keep = self.keep.to(x.dtype)
         mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
         return x * mask / keep
+
+    def sample_scale(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The per-sample factor forward(x) would apply, (batch,) float32 (0 or 1/keep), or None where forward is
+        the identity. Draws the same random numbers as forward(x)."""
+        if not self.active or not self.training:
+            return None
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(self.keep.to(x.dtype))
+        return mask.reshape(-1).float() / self.keep
 
     def extra_repr(self) -> str:
         return f"p={self.p:.3f}"

@@ -69,6 +69,8 @@ struct ScanArgs {
 
 enum : int64_t { CONV_BF16_X = 1, CONV_BF16_OUT = 2, CONV_BF16_GOUT = 4, CONV_BF16_DX = 8 };
 
+enum : int64_t { ADDNORM_BF16_H = 1, ADDNORM_BF16_NORMED = 2 };  // h and dh; normed and gnormed
+
 enum : int64_t {
   BF16_U = 1, BF16_DELTA = 2, BF16_Z = 4, BF16_ADD = 8, BF16_OUT = 16, BF16_DOUT = 32, BF16_DU = 64,
   BF16_DDELTA = 128, BF16_DZ = 256, BF16_DADD = 512, BF16_PRE = 1024
@@ -101,6 +103,24 @@ struct ConvSiluArgs {
   float* dw_rows[2];
   float* db_rows[2];
   int64_t bf16_io;  // CONV_BF16_* bits: x, the outputs, the output gradients or dx are bfloat16 (rows converted here)
+};
+
+// Residual add + RMSNorm over rows of `dim` floats (DiS's block entry, mamba-ssm's fused add-norm):
+//   res_out = res + scale[sample] * h   (res_out = h without res)
+//   normed  = res_out * rstd * weight,  rstd = 1 / sqrt(mean(res_out^2) + eps), kept per row for the backward.
+// The backward takes gnormed and gres (the gradient reaching res_out from elsewhere, or null) and writes
+// dres = d res_out (when there was a res), dh = scale * d res_out, and per-thread partial sums of dweight. Layouts: h, normed, gnormed, dh
+// (rows, dim), float32 or bfloat16 (ADDNORM_BF16_* bits); res, res_out, gres, dres (rows, dim) float32; rstd (rows);
+// scale (rows / rows_per_sample); weight (dim); dw_threads (nthreads, dim).
+struct AddNormArgs {
+  int64_t rows, dim, rows_per_sample, nthreads;
+  double eps;
+  const float *h, *res, *scale, *weight;
+  float *res_out, *normed, *rstd;
+  // backward only
+  const float *gnormed, *gres;
+  float *dres, *dh, *dw_threads;
+  int64_t bf16_io;
 };
 }
 
@@ -1209,6 +1229,68 @@ void parallel_conv_rows(const ConvSiluArgs& a, F&& fn) {
   parallel_rows(s, [&](int64_t r0, int64_t r1, int64_t) { fn(a, r0, r1); });
 }
 
+// ---- Residual add + RMSNorm (see AddNormArgs). One row (token) at a time, all of it L1-resident; the sums run in
+// float32 like the composite they replace (which made ten passes over the stream forward and more backward).
+void add_norm_forward_rows(const AddNormArgs& a, int64_t row0, int64_t row1) {
+  const int64_t D = a.dim;
+  const bool bh = a.bf16_io & ADDNORM_BF16_H, bo = a.bf16_io & ADDNORM_BF16_NORMED;
+  std::vector<float> hbuf(bh ? D : 0), obuf(bo ? D : 0);
+  const float* w = a.weight;
+  const float eps = float(a.eps);
+  for (int64_t row = row0; row < row1; ++row) {
+    const float* hr = in_row(a.h, bh, row, D, hbuf.data());
+    float* x = a.res_out + row * D;
+    if (a.res) {
+      const float* rr = a.res + row * D;
+      const float s = a.scale ? a.scale[row / a.rows_per_sample] : 1.0f;
+      for (int64_t i = 0; i < D; ++i) x[i] = rr[i] + s * hr[i];
+    } else {
+      for (int64_t i = 0; i < D; ++i) x[i] = hr[i];
+    }
+    float ss = 0.0f;
+    for (int64_t i = 0; i < D; ++i) ss += x[i] * x[i];
+    const float r = 1.0f / std::sqrt(ss / float(D) + eps);
+    a.rstd[row] = r;
+    float* o = out_row(a.normed, bo, row, D, obuf.data());
+    for (int64_t i = 0; i < D; ++i) o[i] = x[i] * r * w[i];
+    out_row_done(a.normed, bo, row, D, o);
+  }
+}
+
+void add_norm_backward_rows(const AddNormArgs& a, int64_t row0, int64_t row1, int64_t tid) {
+  const int64_t D = a.dim;
+  const bool bh = a.bf16_io & ADDNORM_BF16_H, bo = a.bf16_io & ADDNORM_BF16_NORMED;
+  std::vector<float> gbuf(bo ? D : 0), dhbuf(D);
+  const float* w = a.weight;
+  float* dw = a.dw_threads + tid * D;
+  for (int64_t row = row0; row < row1; ++row) {
+    const float* g = in_row(a.gnormed, bo, row, D, gbuf.data());
+    const float* x = a.res_out + row * D;
+    const float r = a.rstd[row];
+    float c = 0.0f;
+    for (int64_t i = 0; i < D; ++i) {
+      const float xh = x[i] * r;
+      c += g[i] * w[i] * xh;
+      dw[i] += g[i] * xh;
+    }
+    c /= float(D);
+    const float* gr = a.gres ? a.gres + row * D : nullptr;
+    float* dr = a.dres ? a.dres + row * D : dhbuf.data();
+    for (int64_t i = 0; i < D; ++i) dr[i] = r * (g[i] * w[i] - x[i] * r * c) + (gr ? gr[i] : 0.0f);
+    const float s = a.scale ? a.scale[row / a.rows_per_sample] : 1.0f;
+    float* dh = bh ? dhbuf.data() : a.dh + row * D;
+    for (int64_t i = 0; i < D; ++i) dh[i] = s * dr[i];
+    if (bh) f32_to_bf16(dh, reinterpret_cast<uint16_t*>(a.dh) + row * D, D);
+  }
+}
+
+template <typename F>
+void parallel_norm_rows(const AddNormArgs& a, F&& fn) {
+  // Blocks of rows large enough to amortise the hand-out, small enough to balance two busy cores.
+  const int64_t T = std::max<int64_t>(1, a.nthreads);
+  parallel_for(a.rows, a.nthreads, std::max<int64_t>(1, a.rows / (T * 16)), fn);
+}
+
 // ---- Transpose (see TransposeArgs), in tiles of 16 source rows x 8 columns: two 8x8 register transposes, so each
 // destination row receives 16 contiguous floats (a whole cache line) per tile. A strided element-by-element copy
 // (what .transpose().contiguous() does) reached 3-8 GB/s here, a third of a plain copy's speed and worse at
@@ -1281,7 +1363,7 @@ void with_state_size(int64_t n, F&& f) {
 
 extern "C" {
 
-int ssmdiff_scan_abi_version() { return 9; }
+int ssmdiff_scan_abi_version() { return 10; }
 
 void ssmdiff_transpose(const TransposeArgs* a) {
   const int64_t units = a->batch * ((a->rows + 15) / 16);
@@ -1292,6 +1374,14 @@ void ssmdiff_transpose(const TransposeArgs* a) {
 void ssmdiff_conv_silu_forward(const ConvSiluArgs* a) { parallel_conv_rows(*a, conv_silu_forward_rows); }
 
 void ssmdiff_conv_silu_backward(const ConvSiluArgs* a) { parallel_conv_rows(*a, conv_silu_backward_rows); }
+
+void ssmdiff_add_norm_forward(const AddNormArgs* a) {
+  parallel_norm_rows(*a, [&](int64_t r0, int64_t r1, int64_t) { add_norm_forward_rows(*a, r0, r1); });
+}
+
+void ssmdiff_add_norm_backward(const AddNormArgs* a) {
+  parallel_norm_rows(*a, [&](int64_t r0, int64_t r1, int64_t tid) { add_norm_backward_rows(*a, r0, r1, tid); });
+}
 
 void ssmdiff_scan_forward(const ScanArgs* a) {
   with_state_size(a->dstate, [&](auto ns) {

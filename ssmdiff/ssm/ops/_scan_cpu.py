@@ -31,7 +31,7 @@ import torch
 
 CHUNK = 64
 _SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "selective_scan_cpu.cpp"
-_ABI_VERSION = 9
+_ABI_VERSION = 10
 # -ffast-math only when compiling: linking with it would add crtfastmath.o, which flips the whole process into
 # flush-to-zero mode on load (the kernel flushes denormals only inside its own threads).
 _COMPILE_FLAGS = ["-O3", "-march=native", "-ffast-math", "-fPIC", "-std=c++17"]
@@ -75,6 +75,20 @@ class _ConvSiluArgs(ctypes.Structure):
 
 # Bits of _ConvSiluArgs.bf16_io: x, the outputs, the output gradients, dx held as bfloat16 (rows converted inside).
 _CONV_BF16_X, _CONV_BF16_OUT, _CONV_BF16_GOUT, _CONV_BF16_DX = 1, 2, 4, 8
+
+
+class _AddNormArgs(ctypes.Structure):
+    _fields_ = (
+        [(name, ctypes.c_int64) for name in ("rows", "dim", "rows_per_sample", "nthreads")]
+        + [("eps", ctypes.c_double)]
+        + [(name, ctypes.c_void_p) for name in ("h", "res", "scale", "weight", "res_out", "normed", "rstd",
+                                                 "gnormed", "gres", "dres", "dh", "dw_threads")]
+        + [("bf16_io", ctypes.c_int64)]
+    )
+
+
+# Bits of _AddNormArgs.bf16_io: h (and dh), normed (and its gradient) held as bfloat16.
+_ADDNORM_BF16_H, _ADDNORM_BF16_NORMED = 1, 2
 
 
 class _TransposeArgs(ctypes.Structure):
@@ -169,6 +183,9 @@ def load_library():
                 fn.restype = None
             for fn in (lib.ssmdiff_conv_silu_forward, lib.ssmdiff_conv_silu_backward):
                 fn.argtypes = [ctypes.POINTER(_ConvSiluArgs)]
+                fn.restype = None
+            for fn in (lib.ssmdiff_add_norm_forward, lib.ssmdiff_add_norm_backward):
+                fn.argtypes = [ctypes.POINTER(_AddNormArgs)]
                 fn.restype = None
             lib.ssmdiff_transpose.argtypes = [ctypes.POINTER(_TransposeArgs)]
             lib.ssmdiff_transpose.restype = None
@@ -677,6 +694,102 @@ def conv_silu_cpu(x: torch.Tensor, convs) -> tuple[torch.Tensor, ...]:
     w1, b1, r1 = rest[0] if rest else (None, None, False)
     y0, y1 = _conv_fwd(x, w0, b0, w1, b1, bool(r0), bool(r1))
     return (y0, y1) if rest else (y0,)
+
+
+# ---------------------------------------------------------------------------------- residual add + RMSNorm
+
+def _add_norm_args(h: torch.Tensor, res_out: torch.Tensor, weight: torch.Tensor, res, scale, eps: float,
+                   rstd: torch.Tensor) -> _AddNormArgs:
+    a = _AddNormArgs()
+    a.dim = h.shape[-1]
+    a.rows = h.numel() // a.dim
+    a.rows_per_sample = max(1, a.rows // h.shape[0])
+    a.nthreads = _threads(a.rows, h.numel() * 4)
+    a.eps = float(eps)
+    a.h, a.res, a.scale, a.weight = _ptr(h), _ptr(res), _ptr(scale), _ptr(weight)
+    a.res_out, a.rstd = _ptr(res_out), _ptr(rstd)
+    a.bf16_io = (_ADDNORM_BF16_H | _ADDNORM_BF16_NORMED) if h.dtype == torch.bfloat16 else 0
+    return a
+
+
+@torch.library.custom_op("ssmdiff::add_rms_norm_fwd", mutates_args=(), device_types="cpu")
+def _add_norm_fwd(h: torch.Tensor, res: Optional[torch.Tensor], scale: Optional[torch.Tensor], weight: torch.Tensor,
+                  eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(normed in h's dtype, res_out float32, rstd float32 per row); see ``add_rms_norm_cpu``."""
+    h = h.detach().contiguous()
+    res = None if res is None else _f32(res)
+    scale = None if scale is None or res is None else _f32(scale)
+    w = _f32(weight)
+    res_out = torch.empty(h.shape, dtype=torch.float32)
+    normed = torch.empty_like(h)
+    rstd = torch.empty(h.shape[:-1], dtype=torch.float32)
+    a = _add_norm_args(h, res_out, w, res, scale, eps, rstd)
+    a.normed = _ptr(normed)
+    _lib.ssmdiff_add_norm_forward(ctypes.byref(a))
+    return normed, res_out, rstd
+
+
+@_add_norm_fwd.register_fake
+def _(h, res, scale, weight, eps):
+    return h.new_empty(h.shape), h.new_empty(h.shape, dtype=torch.float32), h.new_empty(h.shape[:-1],
+                                                                                         dtype=torch.float32)
+
+
+@torch.library.custom_op("ssmdiff::add_rms_norm_bwd", mutates_args=(), device_types="cpu")
+def _add_norm_bwd(gnormed: torch.Tensor, gres: Optional[torch.Tensor], res_out: torch.Tensor, rstd: torch.Tensor,
+                  scale: Optional[torch.Tensor], weight: torch.Tensor,
+                  has_res: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dh in gnormed's dtype, dres float32 (empty without a residual input), dweight in weight's dtype)."""
+    g = gnormed.detach().contiguous()
+    if g.dtype not in (torch.float32, torch.bfloat16):
+        g = g.float()
+    gres = None if gres is None else _f32(gres)
+    w = _f32(weight)
+    dh = torch.empty_like(g)
+    dres = torch.empty(res_out.shape, dtype=torch.float32) if has_res else None
+    a = _add_norm_args(g, res_out, w, None, _f32(scale) if has_res and scale is not None else None, 0.0, rstd)
+    dw = torch.zeros((max(1, a.nthreads), a.dim), dtype=torch.float32)
+    a.gnormed, a.gres, a.dres, a.dh, a.dw_threads = _ptr(g), _ptr(gres), _ptr(dres), _ptr(dh), _ptr(dw)
+    _lib.ssmdiff_add_norm_backward(ctypes.byref(a))
+    return dh, (dres if has_res else res_out.new_empty(_EMPTY)), dw.sum(0).to(weight.dtype)
+
+
+@_add_norm_bwd.register_fake
+def _(gnormed, gres, res_out, rstd, scale, weight, has_res):
+    dh = gnormed.new_empty(gnormed.shape, dtype=gnormed.dtype if gnormed.dtype in (torch.float32, torch.bfloat16)
+                           else torch.float32)
+    return dh, res_out.new_empty(res_out.shape if has_res else _EMPTY), weight.new_empty(weight.shape)
+
+
+def _add_norm_setup(ctx, inputs, output):
+    h, res, scale, weight, eps = inputs
+    _, res_out, rstd = output
+    ctx.mark_non_differentiable(rstd)
+    ctx.save_for_backward(res_out, rstd, None if res is None else scale, weight)
+    ctx.has_res = res is not None
+    ctx.h_dtype = h.dtype
+
+
+def _add_norm_backward(ctx, gnormed, gres, _grstd):
+    res_out, rstd, scale, weight = ctx.saved_tensors
+    if gnormed is None:
+        gnormed = torch.zeros(res_out.shape, dtype=ctx.h_dtype)
+    dh, dres, dw = _add_norm_bwd(gnormed, gres, res_out, rstd, scale, weight, ctx.has_res)
+    return dh.to(ctx.h_dtype), (dres if ctx.has_res else None), None, dw, None
+
+
+_add_norm_fwd.register_autograd(_add_norm_backward, setup_context=_add_norm_setup)
+
+
+def add_rms_norm_cpu(h: torch.Tensor, res: torch.Tensor | None, weight: torch.Tensor, eps: float,
+                     scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(RMSNorm(res_out) * weight in h's dtype, res_out float32) with res_out = res + scale[sample] * h, or h without
+    res; h (batch, ..., dim) float32 or bfloat16, res float32 of h's shape, scale (batch,) or None. One pass over the
+    rows forward and one backward. Requires ``available()``."""
+    if not available():
+        raise RuntimeError("the compiled CPU kernels are unavailable")
+    normed, res_out, _ = _add_norm_fwd(h, res, scale, weight, float(eps))
+    return normed, res_out
 
 
 # ------------------------------------------------------------------- layout: token-major <-> channel-major
