@@ -105,7 +105,7 @@ needs_kernel = pytest.mark.skipif(not _fused_available(), reason="the compiled C
 
 
 @needs_kernel
-@pytest.mark.parametrize("k", [1, 3, 4])
+@pytest.mark.parametrize("k", [1, 3, 4, 9])  # 9: past the vector rows (8 taps at most), the scalar loops
 @pytest.mark.parametrize("length", [1, 2, 5, 300])
 @pytest.mark.parametrize("dirs", [(False,), (True,), (False, True), (True, True)])
 def test_conv_silu_matches_the_unfused_composition(k, length, dirs):

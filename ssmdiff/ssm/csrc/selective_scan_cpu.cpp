@@ -468,43 +468,6 @@ inline vf vexp2(vf x) {
 #endif
 }
 
-inline vf vsigmoid(vf x) {
-  // |x| <= 80 keeps exp's result finite (2^115 at most): an infinity would turn the reciprocal that -ffast-math
-  // may use for the division into NaN. sigmoid(-80) is 1.8e-35, as good as 0 here.
-  x = x < -80.0f ? splat(-80.0f) : x;
-  x = x > 80.0f ? splat(80.0f) : x;
-  return 1.0f / (1.0f + vexp2(x * -kLog2e));
-}
-
-// softplus and sigmoid on whole vectors, for the per-position work around the scan (a tenth to a quarter of it
-// with scalar libm calls). softplus(v) = max(v, 0) + log1p(e), e = exp(-|v|) in (0, 1], with log1p(e) = e q(e)
-// and q a degree-8 polynomial fitted for this file on [0, 1] (relative error 2e-7 in float, below the exp's own):
-// no division, where the atanh series it replaced needed one (softplus over DiS-S/2's 736 x 1024 deltas, one
-// thread, hand timing: 0.53 -> 0.36 ms). From the same exp, its derivative sigmoid(v) = 1 / (1 + e) for v > 0 and
-// e / (1 + e) otherwise: the backward keeps that instead of taking another exp per position for it.
-inline vf vsoftplus_sig(vf v, vf& sig) {
-  vf a = v < 0.0f ? -v : v;
-  a = a > 100.0f ? splat(100.0f) : a;  // exp(-100) is 0 in float: keeps exp2's argument in range
-  const vf e = vexp2(a * -kLog2e);
-  const vf r = 1.0f / (1.0f + e);
-  sig = v > 0.0f ? r : e * r;
-  vf q = splat(0.005253457929939032f);
-  q = q * e - 0.02958850748836994f;
-  q = q * e + 0.07836166769266129f;
-  q = q * e - 0.13674770295619965f;
-  q = q * e + 0.19111430644989014f;
-  q = q * e - 0.24844369292259216f;
-  q = q * e + 0.33319270610809326f;
-  q = q * e - 0.49999502301216125f;
-  q = q * e + 1.0f;
-  return (v > 0.0f ? v : vf{}) + e * q;
-}
-
-inline vf vsoftplus(vf v) {
-  vf unused;  // the derivative's division is dead code here and compiled away
-  return vsoftplus_sig(v, unused);
-}
-
 // State vectors. The state of one row (NS floats) is held in vectors of type SV: vf, or with AVX-512 and NS a
 // multiple of 16, vw (16 floats, a whole state-16 row in one register). Zen 4 runs a 512-bit operation as two
 // 256-bit halves, so the wide type does not add arithmetic throughput; it halves the instructions that are not
@@ -529,6 +492,61 @@ inline vw vexp2(vw x) {
 #endif
 template <typename SV>
 constexpr int lanes() { return int(sizeof(SV) / sizeof(float)); }
+
+// Row vectors: the type the per-position passes (softplus, gates, convs) walk a row with. With AVX-512, 16 floats:
+// Zen 4 splits them into two 256-bit halves, but every instruction that is not arithmetic (the exp's rounding and
+// scaling, compares, blends, loads, loop overhead) is issued once per 16 positions instead of twice (SiLU over
+// DiS-S/2's conv outputs, one thread, hand timing: 0.67 -> 0.38 ms).
+#if defined(SSMDIFF_WIDE_STATE)
+typedef vw rv;
+#else
+typedef vf rv;
+#endif
+constexpr int RVW = lanes<rv>();
+template <typename V>
+inline V vload(const float* p) { return load_sv(p, V{}); }
+template <typename V>
+inline float vsum(V v) { return hsum(fold(v)); }
+
+template <typename V>
+inline V vsigmoid(V x) {
+  // |x| <= 80 keeps exp's result finite (2^115 at most): an infinity would turn the reciprocal that -ffast-math
+  // may use for the division into NaN. sigmoid(-80) is 1.8e-35, as good as 0 here.
+  x = x < -80.0f ? V{} - 80.0f : x;
+  x = x > 80.0f ? V{} + 80.0f : x;
+  return 1.0f / (1.0f + vexp2(x * -kLog2e));
+}
+
+// softplus and sigmoid on whole vectors, for the per-position work around the scan (a tenth to a quarter of it
+// with scalar libm calls). softplus(v) = max(v, 0) + log1p(e), e = exp(-|v|) in (0, 1], with log1p(e) = e q(e)
+// and q a degree-8 polynomial fitted for this file on [0, 1] (relative error 2e-7 in float, below the exp's own):
+// no division, where the atanh series it replaced needed one (softplus over DiS-S/2's 736 x 1024 deltas, one
+// thread, hand timing: 0.53 -> 0.36 ms). From the same exp, its derivative sigmoid(v) = 1 / (1 + e) for v > 0 and
+// e / (1 + e) otherwise: the backward keeps that instead of taking another exp per position for it.
+template <typename V>
+inline V vsoftplus_sig(V v, V& sig) {
+  V a = v < 0.0f ? -v : v;
+  a = a > 100.0f ? V{} + 100.0f : a;  // exp(-100) is 0 in float: keeps exp2's argument in range
+  const V e = vexp2(a * -kLog2e);
+  const V r = 1.0f / (1.0f + e);
+  sig = v > 0.0f ? r : e * r;
+  V q = V{} + 0.005253457929939032f;
+  q = q * e - 0.02958850748836994f;
+  q = q * e + 0.07836166769266129f;
+  q = q * e - 0.13674770295619965f;
+  q = q * e + 0.19111430644989014f;
+  q = q * e - 0.24844369292259216f;
+  q = q * e + 0.33319270610809326f;
+  q = q * e - 0.49999502301216125f;
+  q = q * e + 1.0f;
+  return (v > 0.0f ? v : V{}) + e * q;
+}
+
+template <typename V>
+inline V vsoftplus(V v) {
+  V unused;  // the derivative's division is dead code here and compiled away
+  return vsoftplus_sig(v, unused);
+}
 #if defined(SSMDIFF_WIDE_STATE)
 template <int NS>
 using state_vector = std::conditional_t<NS % 16 == 0, vw, vf>;
@@ -542,7 +560,7 @@ inline void row_delta_vec(const ScanArgs& a, const RowInfo& ri, const float* dro
   int64_t t = 0;
   if (a.softplus) {
     const float bias = a.delta_bias ? a.delta_bias[ri.d] : 0.0f;
-    for (; t + VW <= a.len; t += VW) store(dt + t, vsoftplus(load(drow + t) + bias));
+    for (; t + RVW <= a.len; t += RVW) store(dt + t, vsoftplus(vload<rv>(drow + t) + bias));
   }
   row_delta(a, ri, drow, dt, nullptr, t);
 }
@@ -555,16 +573,16 @@ inline void skip_and_gate_vec(const ScanArgs& a, const RowInfo& ri, const float*
   if (zrow) {
     const float Dd = a.D ? a.D[ri.d] : 0.0f;
     if (addrow && a.gate_add) {
-      for (; t + VW <= L; t += VW) {
-        const vf zz = load(zrow + t), sum = load(orow + t) + Dd * load(urow + t) + load(addrow + t);
+      for (; t + RVW <= L; t += RVW) {
+        const rv zz = vload<rv>(zrow + t), sum = vload<rv>(orow + t) + Dd * vload<rv>(urow + t) + vload<rv>(addrow + t);
         if (prerow) store(prerow + t, sum);
         store(orow + t, sum * zz * vsigmoid(zz));
       }
     } else {
-      for (; t + VW <= L; t += VW) {
-        const vf zz = load(zrow + t);
-        vf o = (load(orow + t) + Dd * load(urow + t)) * zz * vsigmoid(zz);
-        if (addrow) o += load(addrow + t);
+      for (; t + RVW <= L; t += RVW) {
+        const rv zz = vload<rv>(zrow + t);
+        rv o = (vload<rv>(orow + t) + Dd * vload<rv>(urow + t)) * zz * vsigmoid(zz);
+        if (addrow) o += vload<rv>(addrow + t);
         store(orow + t, o);
       }
     }
@@ -708,18 +726,18 @@ inline void bwd_prepass(const ScanArgs& a, const RowInfo& ri, const float* drow,
   const float bias = a.delta_bias ? a.delta_bias[ri.d] : 0.0f;
   float *dt = r.dt.data(), *sig = r.sig.data(), *g = r.g.data(), *zf = r.zf.data(), *xs = r.xs.data();
   int64_t i = 0;
-  for (; i + VW <= L; i += VW) {
-    vf v = load(drow + i) + bias;
+  for (; i + RVW <= L; i += RVW) {
+    rv v = vload<rv>(drow + i) + bias;
     if (a.softplus) {
-      vf sg;
+      rv sg;
       v = vsoftplus_sig(v, sg);
       store(sig + i, sg);
     }
     store(dt + i, v);
-    store(xs + i, v * load(urow + i));
-    const vf go = load(gout + i);
+    store(xs + i, v * vload<rv>(urow + i));
+    const rv go = vload<rv>(gout + i);
     if (zrow) {
-      const vf zz = load(zrow + i), sg = vsigmoid(zz);
+      const rv zz = vload<rv>(zrow + i), sg = vsigmoid(zz);
       store(g + i, go * zz * sg);
       store(zf + i, go * sg * (1.0f + zz * (1.0f - sg)));
     } else {
@@ -751,19 +769,19 @@ inline void bwd_epilogue(const ScanArgs& a, const RowInfo& ri, int64_t row, cons
   float* sb = r.stage.data();
   float* ddrow = out_row(a.ddelta, a.bf16_io & BF16_DDELTA, row, L, sb + 5 * L);
   float* dzrow = zrow ? out_row(a.dz, a.bf16_io & BF16_DZ, row, L, sb + 6 * L) : nullptr;
-  vf dDv{}, dbv{};
+  rv dDv{}, dbv{};
   int64_t i = 0;
-  for (; i + VW <= L; i += VW) {
-    const vf gv = load(g + i), uv = load(urow + i), dx = load(dxs + i);
-    store(durow + i, gv * Dd + dx * load(dt + i));
-    vf dd = load(dss + i) + dx * uv;
-    if (a.softplus) dd *= load(sig + i);
+  for (; i + RVW <= L; i += RVW) {
+    const rv gv = vload<rv>(g + i), uv = vload<rv>(urow + i), dx = vload<rv>(dxs + i);
+    store(durow + i, gv * Dd + dx * vload<rv>(dt + i));
+    rv dd = vload<rv>(dss + i) + dx * uv;
+    if (a.softplus) dd *= vload<rv>(sig + i);
     store(ddrow + i, dd);
     dbv += dd;
     dDv += gv * uv;
-    if (dzrow) store(dzrow + i, load(zf + i) * (prerow ? load(prerow + i) : load(ys + i) + Dd * uv));
+    if (dzrow) store(dzrow + i, vload<rv>(zf + i) * (prerow ? vload<rv>(prerow + i) : vload<rv>(ys + i) + Dd * uv));
   }
-  float dDacc = hsum(dDv), dbias = hsum(dbv);
+  float dDacc = vsum(dDv), dbias = vsum(dbv);
   for (; i < L; ++i) {
     durow[i] = g[i] * Dd + dxs[i] * dt[i];
     float dd = dss[i] + dxs[i] * urow[i];
@@ -1222,6 +1240,122 @@ void conv_silu_backward_rows(const ConvSiluArgs& a, int64_t row0, int64_t row1) 
   }
 }
 
+// The same forward and backward with whole vectors for up to kConvTaps taps (mamba-ssm's convs have 2-4): each
+// row is widened once into a zero-padded buffer, so every tap of every direction is an unaligned vector load with no
+// bounds test, and each output vector is finished (taps, SiLU, narrowing) in one pass. The loops above made a pass
+// per tap and per step (about a dozen over each row forward). Padded layout, P = k - 1: xp[P + t] = x[t], zeros
+// elsewhere; the causal tap i of output t reads xp[t + i], the anti-causal one xp[t + 2P - i].
+constexpr int64_t kConvTaps = 8;
+
+struct ConvRowBufs {
+  int64_t L, Lr, P;
+  std::vector<float> xp, pre, gp, acc, io;
+  ConvRowBufs(int64_t L_, int64_t k)
+      : L(L_), Lr((L_ + RVW - 1) / RVW * RVW), P(k - 1), xp(Lr + 2 * P + RVW), pre(Lr), gp(Lr + 2 * P + RVW),
+        acc(Lr), io(Lr) {}
+  // Widen row `row` of x into the padded buffer (positions past L stay zero from construction).
+  void load_x(const float* x, bool bf16, int64_t row) {
+    if (bf16) bf16_to_f32(reinterpret_cast<const uint16_t*>(x) + row * L, xp.data() + P, L);
+    else std::memcpy(xp.data() + P, x + row * L, L * sizeof(float));
+  }
+};
+
+// Pre-activations of one direction for all Lr positions (the tail past L reads zeros: finite, never stored).
+template <int64_t k>
+inline void conv_pre_vec(const ConvRowBufs& rb, const float* w, float b, bool rev, float* pre) {
+  rv wv[k];
+  for (int64_t i = 0; i < k; ++i) wv[i] = rv{} + (w[i]);
+  const float* xp = rb.xp.data();
+  const int64_t off = rev ? 2 * rb.P : 0, dir = rev ? -1 : 1;
+  for (int64_t t = 0; t < rb.Lr; t += RVW) {
+    rv acc = rv{} + (b);
+    for (int64_t i = 0; i < k; ++i) acc += wv[i] * vload<rv>(xp + t + off + dir * i);
+    store(pre + t, acc);
+  }
+}
+
+inline void store_row(float* base, bool bf16, int64_t row, int64_t L, const float* src) {
+  if (bf16) f32_to_bf16(src, reinterpret_cast<uint16_t*>(base) + row * L, L);
+  else std::memcpy(base + row * L, src, L * sizeof(float));
+}
+
+template <int64_t k>
+void conv_silu_forward_rows_vec(const ConvSiluArgs& a, int64_t row0, int64_t row1) {
+  const bool bx = a.bf16_io & CONV_BF16_X, bo = a.bf16_io & CONV_BF16_OUT;
+  ConvRowBufs rb(a.len, k);
+  float* o = rb.io.data();
+  for (int64_t row = row0; row < row1; ++row) {
+    const int64_t d = row % a.dim;
+    rb.load_x(a.x, bx, row);
+    for (int64_t j = 0; j < a.ndir; ++j) {
+      conv_pre_vec<k>(rb, a.w[j] + d * k, a.bias[j] ? a.bias[j][d] : 0.0f, a.reverse[j] != 0, o);
+      for (int64_t t = 0; t < rb.Lr; t += RVW) {
+        const rv p = vload<rv>(o + t);
+        store(o + t, p * vsigmoid(p));
+      }
+      store_row(a.out[j], bo, row, a.len, o);
+    }
+  }
+}
+
+template <int64_t k>
+void conv_silu_backward_rows_vec(const ConvSiluArgs& a, int64_t row0, int64_t row1) {
+  const int64_t L = a.len;
+  const bool bx = a.bf16_io & CONV_BF16_X, bg = a.bf16_io & CONV_BF16_GOUT, bd = a.bf16_io & CONV_BF16_DX;
+  ConvRowBufs rb(L, k);
+  const int64_t P = rb.P, Lr = rb.Lr;
+  float *pre = rb.pre.data(), *gpp = rb.gp.data(), *dx = rb.acc.data(), *g = rb.io.data();
+  // g past L stays zero (from construction), so gp is zero there and the sums below need no tail handling.
+  for (int64_t row = row0; row < row1; ++row) {
+    const int64_t d = row % a.dim;
+    rb.load_x(a.x, bx, row);
+    const float* xp = rb.xp.data();
+    for (int64_t j = 0; j < a.ndir; ++j) {
+      const float* w = a.w[j] + d * k;
+      const bool rev = a.reverse[j] != 0;
+      conv_pre_vec<k>(rb, w, a.bias[j] ? a.bias[j][d] : 0.0f, rev, pre);
+      if (bg) bf16_to_f32(reinterpret_cast<const uint16_t*>(a.gout[j]) + row * L, g, L);
+      else std::memcpy(g, a.gout[j] + row * L, L * sizeof(float));
+      // gp = g silu'(pre) into gpp[P + t]; the sums for db and dw[i] as vectors.
+      const int64_t off = rev ? 2 * P : 0, dir = rev ? -1 : 1;
+      rv dbv{}, dwv[k];
+      for (int64_t i = 0; i < k; ++i) dwv[i] = rv{};
+      for (int64_t t = 0; t < Lr; t += RVW) {
+        const rv p = vload<rv>(pre + t), sg = vsigmoid(p);
+        const rv gp = vload<rv>(g + t) * sg * (1.0f + p * (1.0f - sg));
+        store(gpp + P + t, gp);
+        dbv += gp;
+        for (int64_t i = 0; i < k; ++i) dwv[i] += gp * vload<rv>(xp + t + off + dir * i);
+      }
+      if (a.db_rows[j]) a.db_rows[j][row] = vsum(dbv);
+      for (int64_t i = 0; i < k; ++i) a.dw_rows[j][row * k + i] = vsum(dwv[i]);
+      // dx: the adjoint of the causal conv is anti-causal over gp, and vice versa (gpp is zero outside [P, P + L)).
+      rv wv[k];
+      for (int64_t i = 0; i < k; ++i) wv[i] = rv{} + (w[i]);
+      const int64_t aoff = rev ? 0 : 2 * P, adir = rev ? 1 : -1;
+      for (int64_t t = 0; t < Lr; t += RVW) {
+        rv acc = j == 0 ? rv{} : vload<rv>(dx + t);
+        for (int64_t i = 0; i < k; ++i) acc += wv[i] * vload<rv>(gpp + t + aoff + adir * i);
+        store(dx + t, acc);
+      }
+    }
+    store_row(a.dx, bd, row, L, dx);
+  }
+}
+
+// The vector rows for a.k taps (compile-time, so the taps' weights and sums stay in registers), or null for more
+// than kConvTaps.
+using ConvRowsFn = void (*)(const ConvSiluArgs&, int64_t, int64_t);
+template <int64_t k>
+ConvRowsFn conv_rows_for(int64_t taps, bool backward) {
+  if constexpr (k > kConvTaps) {
+    return nullptr;
+  } else {
+    if (taps != k) return conv_rows_for<k + 1>(taps, backward);
+    return backward ? conv_silu_backward_rows_vec<k> : conv_silu_forward_rows_vec<k>;
+  }
+}
+
 template <typename F>
 void parallel_conv_rows(const ConvSiluArgs& a, F&& fn) {
   ScanArgs s{};
@@ -1371,9 +1505,15 @@ void ssmdiff_transpose(const TransposeArgs* a) {
                [&](int64_t u0, int64_t u1, int64_t) { transpose_tiles(*a, u0, u1); });
 }
 
-void ssmdiff_conv_silu_forward(const ConvSiluArgs* a) { parallel_conv_rows(*a, conv_silu_forward_rows); }
+void ssmdiff_conv_silu_forward(const ConvSiluArgs* a) {
+  const ConvRowsFn vec = conv_rows_for<1>(a->k, false);
+  parallel_conv_rows(*a, vec ? vec : conv_silu_forward_rows);
+}
 
-void ssmdiff_conv_silu_backward(const ConvSiluArgs* a) { parallel_conv_rows(*a, conv_silu_backward_rows); }
+void ssmdiff_conv_silu_backward(const ConvSiluArgs* a) {
+  const ConvRowsFn vec = conv_rows_for<1>(a->k, true);
+  parallel_conv_rows(*a, vec ? vec : conv_silu_backward_rows);
+}
 
 void ssmdiff_add_norm_forward(const AddNormArgs* a) {
   parallel_norm_rows(*a, [&](int64_t r0, int64_t r1, int64_t) { add_norm_forward_rows(*a, r0, r1); });
