@@ -217,6 +217,34 @@ def test_from_channel_major_matches_linear(autocast):
     assert gx.is_contiguous() and gx.dtype == x.dtype and gw.dtype == w.dtype
 
 
+@pytest.mark.parametrize("autocast", [False, True])
+@pytest.mark.parametrize("used", [(0, 1), (1,)])
+def test_to_channel_major_matches_linear(autocast, used):
+    """in_proj's products into the channel-major layout: each part equals F.linear with that block of the weight,
+    transposed; the input gradient is one token-major contiguous tensor (the parts' gradients summed), the weight
+    gradient float32-summed over the batch, and a part that gets no gradient contributes nothing."""
+    from ssmdiff.ssm.modules.mamba import _ToChannelMajor
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 37, 16, requires_grad=True)
+    w = torch.randn(10, 16, requires_grad=True)
+    gs = [torch.randn(3, 5, 37), torch.randn(3, 5, 37)]
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        outs = _ToChannelMajor.apply(x, w, 2)
+        refs = [F.linear(x, wi).transpose(1, 2) for wi in w.chunk(2, dim=0)]
+    assert all(o.is_contiguous() and o.dtype == r.dtype and o.shape == (3, 5, 37) for o, r in zip(outs, refs))
+    gx, gw = torch.autograd.grad([outs[i] for i in used], (x, w), [gs[i].to(outs[i].dtype) for i in used])
+    rx, rw = torch.autograd.grad([refs[i] for i in used], (x, w), [gs[i].to(refs[i].dtype) for i in used])
+    tol = dict(rtol=2e-2, atol=5e-2) if autocast else dict(rtol=1e-5, atol=1e-5)
+    for o, r in zip(outs, refs):
+        torch.testing.assert_close(o.float(), r.float(), **tol)
+    torch.testing.assert_close(gx, rx, **tol)
+    torch.testing.assert_close(gw, rw, **tol)
+    assert gx.is_contiguous() and gx.dtype == x.dtype and gw.dtype == w.dtype
+    if used == (1,):
+        assert torch.equal(gw[:5], torch.zeros_like(gw[:5]))
+
+
 @pytest.mark.parametrize("mode", ["autocast", "bf16"])
 def test_low_precision_cpu_products_match_fp32(mode):
     """bf16 on the CPU: the Mamba projections (channel-major in and out, channel-major in and position-major out,

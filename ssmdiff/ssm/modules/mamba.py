@@ -110,8 +110,58 @@ class _FromChannelMajor(torch.autograd.Function):
         elif ctx.needs_input_grad[0]:
             gx = torch.bmm(weight.t().expand(x.shape[0], -1, -1), grad.transpose(1, 2)).to(ctx.dtypes[0])
         if ctx.needs_input_grad[1]:
-            gw = torch.bmm(grad.transpose(1, 2), x.transpose(1, 2)).sum(0).to(ctx.dtypes[1])
+            gw = torch.sum(torch.bmm(grad.transpose(1, 2), x.transpose(1, 2)), 0, dtype=torch.float32).to(ctx.dtypes[1])
         return gx, gw
+
+
+class _ToChannelMajor(torch.autograd.Function):
+    """x (batch, length, in), token-major -> ``parts`` channel-major products W_i x^T (batch, out_i, length), W_i the
+    row blocks of ``weight``; the input gradient comes back token-major and contiguous, sum_i g_i^T W_i accumulated
+    by the products themselves.
+
+    Autograd's bmm backward (what ``_channel_major`` gets) hands back each part's input gradient channel-major:
+    their sum (an add) reached the residual norm as a transposed view that had to be copied, and the weight
+    gradient of an expanded weight is a per-sample (batch, out, in) tensor summed in the activations' dtype. Here
+    the per-sample weight gradients are summed straight into float32. Under autocast the products run in the
+    autocast dtype, as torch.bmm would.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, parts: int):
+        dtype = autocast_dtype(x) or x.dtype
+        xc, wc = x.to(dtype), weight.to(dtype)
+        ctx.save_for_backward(xc, wc)
+        ctx.weight_dtype = weight.dtype
+        ctx.x_dtype = x.dtype
+        ctx.parts = parts
+        b = x.shape[0]
+        return tuple(torch.bmm(w.expand(b, -1, -1), xc.transpose(1, 2)) for w in wc.chunk(parts, dim=0))
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, *grads):
+        x, weight = ctx.saved_tensors
+        b = x.shape[0]
+        blocks = weight.chunk(ctx.parts, dim=0)
+        gx = gw = None
+        if ctx.needs_input_grad[0]:
+            for g, w in zip(grads, blocks):
+                if g is None:
+                    continue
+                g_t = g.to(x.dtype).transpose(1, 2)
+                if gx is None:
+                    gx = torch.bmm(g_t, w.expand(b, -1, -1))
+                else:
+                    gx.baddbmm_(g_t, w.expand(b, -1, -1))
+            gx = torch.zeros_like(x) if gx is None else gx
+            gx = gx.to(ctx.x_dtype)
+        if ctx.needs_input_grad[1]:
+            gw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+            for gw_i, g in zip(gw.chunk(ctx.parts, dim=0), grads):
+                if g is not None:
+                    torch.sum(torch.bmm(g.to(x.dtype), x), 0, dtype=torch.float32, out=gw_i)
+            gw = gw.to(ctx.weight_dtype)
+        return gx, gw, None
 
 
 def _out(out_proj: nn.Linear, y: torch.Tensor) -> torch.Tensor:
@@ -197,9 +247,12 @@ class Mamba(nn.Module):
         """in_proj to the scan's channel-major layout: u and z as two contiguous (b, E, l) tensors."""
         if _token_major_products(x):
             return tuple(channel_major(F.linear(x, self.in_proj.weight, self.in_proj.bias), [self.d_inner] * 2))
-        x_t = x.transpose(1, 2)
-        w_u, w_z = self.in_proj.weight.chunk(2, dim=0)
-        u, z = _channel_major(w_u, x_t), _channel_major(w_z, x_t)
+        if low_precision_cpu_dtype(x) is None:
+            u, z = _ToChannelMajor.apply(x, self.in_proj.weight, 2)
+        else:
+            x_t = x.transpose(1, 2)
+            w_u, w_z = self.in_proj.weight.chunk(2, dim=0)
+            u, z = _channel_major(w_u, x_t), _channel_major(w_z, x_t)
         if self.in_proj.bias is not None:
             b_u, b_z = self.in_proj.bias.chunk(2)
             u, z = u + b_u[:, None].to(u.dtype), z + b_z[:, None].to(z.dtype)
