@@ -1,4 +1,5 @@
-"""Depthwise causal conv1d benchmark: the shifted-multiply-add version against F.conv1d, in the same run.
+"""Depthwise causal conv1d benchmark: the shifted-multiply-add version against F.conv1d, in the same run, and the
+compiled conv + SiLU kernel the CPU mixers use against the unfused composition.
 
     python benchmarks/conv.py                  # the two mixer shapes, fp32 and bf16
     python benchmarks/conv.py --step           # plus one DiS-S/2 fp32 training step (batch 2, 1024 tokens)
@@ -58,6 +59,46 @@ def bench_conv(shapes, dtypes, k: int, repeats: int):
                       f"{f:9.2f} {fc:9.2f} {fb:9.2f} {fbc:9.2f}", flush=True)
 
 
+def bench_conv_silu(shapes, dtypes, k: int, repeats: int):
+    """Both directions of a bidirectional block (a causal and an anti-causal conv reading one x), SiLU applied:
+    the compiled kernel (one pass over x, SiLU fused, dx summed inside) against silu(depthwise_conv1d) per
+    direction. Under bf16 autocast, as the mixers run it."""
+    from ssmdiff.ssm.modules.conv import conv_silu
+    from ssmdiff.ssm.ops import _scan_cpu
+
+    if not _scan_cpu.available():
+        print("\nconv + SiLU: the compiled CPU kernel is unavailable here; skipped")
+        return
+    impls = {"unfused": lambda x, convs: tuple(torch.nn.functional.silu(conv_mod.depthwise_conv1d(x, w, b, r))
+                                                for w, b, r in convs),
+             "conv_silu kernel": conv_silu}
+    print(f"\nconv + SiLU, two directions sharing x\n{'shape (B,C,L)':>18} {'dtype':>9} {'impl':>20} {'fwd ms':>9} "
+          f"{'fwd cpu':>9} {'f+b ms':>9} {'f+b cpu':>9}")
+    for B, C, L in shapes:
+        for dtype in dtypes:
+            g = torch.Generator().manual_seed(0)
+            x = torch.randn(B, C, L, generator=g).requires_grad_()
+            convs = [(torch.randn(C, 1, k, generator=g).requires_grad_(), torch.randn(C, generator=g).requires_grad_(),
+                      rev) for rev in (False, True)]
+            grads = [torch.randn(B, C, L, generator=g).to(dtype) for _ in convs]
+            leaves = [x] + [p for w, b, _ in convs for p in (w, b)]
+            autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
+            for name, fn in impls.items():
+                def fwd():
+                    with torch.no_grad(), autocast:
+                        fn(x, convs)
+
+                def fwd_bwd():
+                    with autocast:
+                        outs = fn(x, convs)
+                    torch.autograd.grad(outs, leaves, [gr.to(o.dtype) for gr, o in zip(grads, outs)])
+
+                f, fc = _time(fwd, repeats)
+                fb, fbc = _time(fwd_bwd, repeats)
+                print(f"{str((B, C, L)):>18} {str(dtype).replace('torch.', ''):>9} {name:>20} "
+                      f"{f:9.2f} {fc:9.2f} {fb:9.2f} {fbc:9.2f}", flush=True)
+
+
 def bench_step(repeats: int):
     from ssmdiff.models.registry import create_model
 
@@ -94,7 +135,11 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.k < 1:
         raise SystemExit("--k must be >= 1")
+    from ssmdiff.utils.alloc import tune_cpu_allocator
+
+    tune_cpu_allocator()  # as training runs: fresh outputs would otherwise page-fault in on every call
     bench_conv([(4, 736, 1026), (64, 128, 20)], [torch.float32, torch.bfloat16], args.k, args.repeats)
+    bench_conv_silu([(4, 736, 1026)], [torch.float32, torch.bfloat16], args.k, args.repeats)
     if args.step:
         bench_step(args.step_repeats)
 
