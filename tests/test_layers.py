@@ -104,3 +104,24 @@ def test_drop_path_sample_scale_draws_what_forward_draws():
     torch.testing.assert_close(scale.unique(), torch.tensor([0.0, 1 / 0.6]))
     torch.testing.assert_close(out, x * scale[:, None, None])
     assert dp.eval().sample_scale(x) is None and DropPath(0.0).train().sample_scale(x) is None
+
+
+@needs_kernel
+def test_add_rms_norm_kernel_rejects_mismatched_shapes_and_takes_other_dtypes():
+    """The kernel reads raw buffers, so shapes are checked before it runs: a norm of the wrong width, a residual of
+    another shape or a wrong number of per-sample factors is one clear error (the composite would broadcast or
+    fail deep inside). float16 and empty inputs go through too."""
+    h = torch.randn(2, 5, 8)
+    with pytest.raises(ValueError, match="weight"):
+        _scan_cpu.add_rms_norm_cpu(h, None, torch.ones(7), 1e-5)
+    with pytest.raises(ValueError, match="residual"):
+        _scan_cpu.add_rms_norm_cpu(h, torch.randn(2, 5, 1), torch.ones(8), 1e-5)
+    with pytest.raises(ValueError, match="per sample"):
+        _scan_cpu.add_rms_norm_cpu(h, torch.randn(2, 5, 8), torch.ones(8), 1e-5, torch.ones(3))
+    normed, res = _scan_cpu.add_rms_norm_cpu(h.half(), None, torch.ones(8), 1e-5)
+    assert normed.dtype == torch.float16 and res.dtype == torch.float32
+    torch.testing.assert_close(normed.float(), _composite64(h.half(), None, torch.ones(8), 1e-5, None)[0].float(),
+                               rtol=2e-3, atol=2e-3)
+    empty = torch.randn(0, 5, 8, requires_grad=True)
+    normed, res = _scan_cpu.add_rms_norm_cpu(empty, None, torch.ones(8), 1e-5)
+    assert normed.shape == res.shape == (0, 5, 8)

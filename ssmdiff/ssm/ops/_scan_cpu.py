@@ -716,7 +716,20 @@ def _add_norm_args(h: torch.Tensor, res_out: torch.Tensor, weight: torch.Tensor,
 def _add_norm_fwd(h: torch.Tensor, res: Optional[torch.Tensor], scale: Optional[torch.Tensor], weight: torch.Tensor,
                   eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(normed in h's dtype, res_out float32, rstd float32 per row); see ``add_rms_norm_cpu``."""
-    h = h.detach().contiguous()
+    d = h.shape[-1] if h.dim() else 0
+    if h.dim() < 2 or tuple(weight.shape) != (d,):
+        raise ValueError(f"add_rms_norm: h (batch, ..., dim) with a (dim,) weight; got h {tuple(h.shape)} and weight "
+                         f"{tuple(weight.shape)}")
+    if res is not None and res.shape != h.shape:
+        raise ValueError(f"add_rms_norm: the residual {tuple(res.shape)} must have h's shape {tuple(h.shape)}")
+    if scale is not None and tuple(scale.shape) != (h.shape[0],):
+        raise ValueError(f"add_rms_norm: scale must hold one factor per sample, ({h.shape[0]},); got "
+                         f"{tuple(scale.shape)}")
+    dtype = h.dtype
+    h = h.detach().contiguous() if dtype in (torch.float32, torch.bfloat16) else _f32(h)
+    if h.numel() == 0:
+        return (h.new_empty(h.shape, dtype=dtype), h.new_empty(h.shape, dtype=torch.float32),
+                h.new_empty(h.shape[:-1], dtype=torch.float32))
     res = None if res is None else _f32(res)
     scale = None if scale is None or res is None else _f32(scale)
     w = _f32(weight)
@@ -726,7 +739,7 @@ def _add_norm_fwd(h: torch.Tensor, res: Optional[torch.Tensor], scale: Optional[
     a = _add_norm_args(h, res_out, w, res, scale, eps, rstd)
     a.normed = _ptr(normed)
     _lib.ssmdiff_add_norm_forward(ctypes.byref(a))
-    return normed, res_out, rstd
+    return normed.to(dtype), res_out, rstd
 
 
 @_add_norm_fwd.register_fake
@@ -743,6 +756,9 @@ def _add_norm_bwd(gnormed: torch.Tensor, gres: Optional[torch.Tensor], res_out: 
     g = gnormed.detach().contiguous()
     if g.dtype not in (torch.float32, torch.bfloat16):
         g = g.float()
+    if g.numel() == 0:
+        return (torch.empty_like(g), res_out.new_empty(res_out.shape if has_res else _EMPTY),
+                torch.zeros_like(weight))
     gres = None if gres is None else _f32(gres)
     w = _f32(weight)
     dh = torch.empty_like(g)
