@@ -125,3 +125,50 @@ def test_add_rms_norm_kernel_rejects_mismatched_shapes_and_takes_other_dtypes():
     empty = torch.randn(0, 5, 8, requires_grad=True)
     normed, res = _scan_cpu.add_rms_norm_cpu(empty, None, torch.ones(8), 1e-5)
     assert normed.shape == res.shape == (0, 5, 8)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_dis_with_stochastic_depth_matches_the_composite_norm(monkeypatch, dtype):
+    """A DiS training forward and backward with stochastic depth on: the fused block entry gives the outputs and
+    gradients of the composite one from the same seed (the drop masks are drawn alike), and gradient checkpointing
+    (which replays the random draws) changes nothing."""
+    from ssmdiff.models import create_model
+    from ssmdiff.models import dis as dis_mod
+
+    def composite(hidden, residual, norm, drop_path=None, residual_in_fp32=True):
+        if residual is None:
+            residual = hidden
+        else:
+            residual = residual + (hidden if drop_path is None else drop_path(hidden))
+        if residual_in_fp32:
+            residual = residual.float()
+        return norm(residual).to(hidden.dtype), residual
+
+    torch.manual_seed(0)
+    model = create_model("DiS-T/2", input_size=8, in_channels=2, num_classes=3, drop_path_rate=0.5).train()
+    for p in model.parameters():  # out of the zero initialisation, so every path carries gradient
+        p.data.add_(torch.randn_like(p) * 0.02)
+    x, t, y = torch.randn(4, 2, 8, 8), torch.tensor([1.0, 300.0, 600.0, 900.0]), torch.tensor([0, 1, 2, 1])
+
+    def run(checkpoint=False):
+        model.zero_grad()
+        model.set_grad_checkpointing(checkpoint)
+        torch.manual_seed(5)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
+            out = model(x, t, y)
+        out.float().square().mean().backward()
+        return out.float(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    fused, fused_grads = run()
+    checkpointed, ck_grads = run(checkpoint=True)
+    monkeypatch.setattr(dis_mod, "add_rms_norm", composite)
+    ref, ref_grads = run()
+    tol = dict(rtol=5e-2, atol=5e-3) if dtype == "bf16" else dict(rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(fused, ref, **tol)
+    torch.testing.assert_close(checkpointed, fused, rtol=1e-6, atol=1e-6)
+    assert fused_grads.keys() == ref_grads.keys() == ck_grads.keys()
+    for n in ref_grads:
+        scale = ref_grads[n].abs().max().item() + 1e-6
+        assert (fused_grads[n] - ref_grads[n]).abs().max().item() <= (5e-2 if dtype == "bf16" else 1e-4) * scale, n
+        torch.testing.assert_close(ck_grads[n], fused_grads[n], rtol=1e-5, atol=1e-6)
