@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from ssmdiff.models.layers import DropPath, RMSNorm, add_rms_norm
+from ssmdiff.models.layers import DropPath, RMSNorm, add_rms_norm, add_rms_norm_composite
 from ssmdiff.ssm.ops import _scan_cpu
 
 needs_kernel = pytest.mark.skipif(not _scan_cpu.available(), reason="the compiled CPU kernel cannot be built here")
@@ -136,15 +136,6 @@ def test_dis_with_stochastic_depth_matches_the_composite_norm(monkeypatch, dtype
     from ssmdiff.models import create_model
     from ssmdiff.models import dis as dis_mod
 
-    def composite(hidden, residual, norm, drop_path=None, residual_in_fp32=True):
-        if residual is None:
-            residual = hidden
-        else:
-            residual = residual + (hidden if drop_path is None else drop_path(hidden))
-        if residual_in_fp32:
-            residual = residual.float()
-        return norm(residual).to(hidden.dtype), residual
-
     torch.manual_seed(0)
     model = create_model("DiS-T/2", input_size=8, in_channels=2, num_classes=3, drop_path_rate=0.5).train()
     for p in model.parameters():  # out of the zero initialisation, so every path carries gradient
@@ -162,7 +153,7 @@ def test_dis_with_stochastic_depth_matches_the_composite_norm(monkeypatch, dtype
 
     fused, fused_grads = run()
     checkpointed, ck_grads = run(checkpoint=True)
-    monkeypatch.setattr(dis_mod, "add_rms_norm", composite)
+    monkeypatch.setattr(dis_mod, "add_rms_norm", add_rms_norm_composite)
     ref, ref_grads = run()
     tol = dict(rtol=5e-2, atol=5e-3) if dtype == "bf16" else dict(rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(fused, ref, **tol)

@@ -25,6 +25,7 @@ __all__ = [
     "RMSNorm",
     "DropPath",
     "add_rms_norm",
+    "add_rms_norm_composite",
     "modulate",
     "FinalLayer",
     "interpolate_grid_table",
@@ -162,6 +163,12 @@ def add_rms_norm(hidden: torch.Tensor, residual: torch.Tensor | None, norm: RMSN
             and _scan_cpu.available()):
         scale = None if residual is None or drop_path is None else drop_path.sample_scale(hidden)
         return _scan_cpu.add_rms_norm_cpu(hidden, residual, norm.weight, norm.eps, scale)
+    return add_rms_norm_composite(hidden, residual, norm, drop_path, residual_in_fp32)
+
+
+def add_rms_norm_composite(hidden: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm,
+                           drop_path: DropPath | None = None, residual_in_fp32: bool = True):
+    """``add_rms_norm`` written with PyTorch ops: its path off the CPU kernel, and its reference."""
     if residual is None:
         residual = hidden
     else:
