@@ -36,8 +36,20 @@ def _time(fn, repeats: int):
     return statistics.median(walls) * 1e3, statistics.median(cpus) * 1e3
 
 
+_HEADER = (f"{'shape (B,C,L)':>18} {'dtype':>9} {'impl':>20} {'fwd ms':>9} {'fwd cpu':>9} {'f+b ms':>9} "
+           f"{'f+b cpu':>9}")
+
+
+def _report(shape, dtype, name: str, fwd, fwd_bwd, repeats: int) -> None:
+    """Time fwd and fwd_bwd and print one row under _HEADER."""
+    f, fc = _time(fwd, repeats)
+    fb, fbc = _time(fwd_bwd, repeats)
+    print(f"{str(tuple(shape)):>18} {str(dtype).replace('torch.', ''):>9} {name:>20} "
+          f"{f:9.2f} {fc:9.2f} {fb:9.2f} {fbc:9.2f}", flush=True)
+
+
 def bench_conv(shapes, dtypes, k: int, repeats: int):
-    print(f"{'shape (B,C,L)':>18} {'dtype':>9} {'impl':>20} {'fwd ms':>9} {'fwd cpu':>9} {'f+b ms':>9} {'f+b cpu':>9}")
+    print(_HEADER)
     for B, C, L in shapes:
         for dtype in dtypes:
             g = torch.Generator().manual_seed(0)
@@ -53,10 +65,7 @@ def bench_conv(shapes, dtypes, k: int, repeats: int):
                 def fwd_bwd():
                     torch.autograd.grad(fn(x, w, b), (x, w, b), grad)
 
-                f, fc = _time(fwd, repeats)
-                fb, fbc = _time(fwd_bwd, repeats)
-                print(f"{str((B, C, L)):>18} {str(dtype).replace('torch.', ''):>9} {name:>20} "
-                      f"{f:9.2f} {fc:9.2f} {fb:9.2f} {fbc:9.2f}", flush=True)
+                _report((B, C, L), dtype, name, fwd, fwd_bwd, repeats)
 
 
 def bench_conv_silu(shapes, dtypes, k: int, repeats: int):
@@ -72,8 +81,7 @@ def bench_conv_silu(shapes, dtypes, k: int, repeats: int):
     impls = {"unfused": lambda x, convs: tuple(torch.nn.functional.silu(conv_mod.depthwise_conv1d(x, w, b, r))
                                                 for w, b, r in convs),
              "conv_silu kernel": conv_silu}
-    print(f"\nconv + SiLU, two directions sharing x\n{'shape (B,C,L)':>18} {'dtype':>9} {'impl':>20} {'fwd ms':>9} "
-          f"{'fwd cpu':>9} {'f+b ms':>9} {'f+b cpu':>9}")
+    print(f"\nconv + SiLU, two directions sharing x\n{_HEADER}")
     for B, C, L in shapes:
         for dtype in dtypes:
             g = torch.Generator().manual_seed(0)
@@ -93,10 +101,7 @@ def bench_conv_silu(shapes, dtypes, k: int, repeats: int):
                         outs = fn(x, convs)
                     torch.autograd.grad(outs, leaves, [gr.to(o.dtype) for gr, o in zip(grads, outs)])
 
-                f, fc = _time(fwd, repeats)
-                fb, fbc = _time(fwd_bwd, repeats)
-                print(f"{str((B, C, L)):>18} {str(dtype).replace('torch.', ''):>9} {name:>20} "
-                      f"{f:9.2f} {fc:9.2f} {fb:9.2f} {fbc:9.2f}", flush=True)
+                _report((B, C, L), dtype, name, fwd, fwd_bwd, repeats)
 
 
 def bench_step(repeats: int):

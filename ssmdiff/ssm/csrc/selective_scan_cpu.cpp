@@ -109,9 +109,9 @@ struct ConvSiluArgs {
 //   res_out = res + scale[sample] * h   (res_out = h without res)
 //   normed  = res_out * rstd * weight,  rstd = 1 / sqrt(mean(res_out^2) + eps), kept per row for the backward.
 // The backward takes gnormed and gres (the gradient reaching res_out from elsewhere, or null) and writes
-// dres = d res_out (when there was a res), dh = scale * d res_out, and per-thread partial sums of dweight. Layouts: h, normed, gnormed, dh
-// (rows, dim), float32 or bfloat16 (ADDNORM_BF16_* bits); res, res_out, gres, dres (rows, dim) float32; rstd (rows);
-// scale (rows / rows_per_sample); weight (dim); dw_threads (nthreads, dim).
+// dres = d res_out (when there was a res), dh = scale * d res_out, and per-thread partial sums of dweight.
+// Layouts: h, normed, gnormed, dh (rows, dim), float32 or bfloat16 (ADDNORM_BF16_* bits); res, res_out, gres,
+// dres (rows, dim) float32; rstd (rows); scale (rows / rows_per_sample); weight (dim); dw_threads (nthreads, dim).
 struct AddNormArgs {
   int64_t rows, dim, rows_per_sample, nthreads;
   double eps;
@@ -504,8 +504,6 @@ typedef vf rv;
 #endif
 constexpr int RVW = lanes<rv>();
 template <typename V>
-inline V vload(const float* p) { return load_sv(p, V{}); }
-template <typename V>
 inline float vsum(V v) { return hsum(fold(v)); }
 
 template <typename V>
@@ -560,7 +558,7 @@ inline void row_delta_vec(const ScanArgs& a, const RowInfo& ri, const float* dro
   int64_t t = 0;
   if (a.softplus) {
     const float bias = a.delta_bias ? a.delta_bias[ri.d] : 0.0f;
-    for (; t + RVW <= a.len; t += RVW) store(dt + t, vsoftplus(vload<rv>(drow + t) + bias));
+    for (; t + RVW <= a.len; t += RVW) store(dt + t, vsoftplus(load_sv(drow + t, rv{}) + bias));
   }
   row_delta(a, ri, drow, dt, nullptr, t);
 }
@@ -574,15 +572,16 @@ inline void skip_and_gate_vec(const ScanArgs& a, const RowInfo& ri, const float*
     const float Dd = a.D ? a.D[ri.d] : 0.0f;
     if (addrow && a.gate_add) {
       for (; t + RVW <= L; t += RVW) {
-        const rv zz = vload<rv>(zrow + t), sum = vload<rv>(orow + t) + Dd * vload<rv>(urow + t) + vload<rv>(addrow + t);
+        const rv zz = load_sv(zrow + t, rv{});
+        const rv sum = load_sv(orow + t, rv{}) + Dd * load_sv(urow + t, rv{}) + load_sv(addrow + t, rv{});
         if (prerow) store(prerow + t, sum);
         store(orow + t, sum * zz * vsigmoid(zz));
       }
     } else {
       for (; t + RVW <= L; t += RVW) {
-        const rv zz = vload<rv>(zrow + t);
-        rv o = (vload<rv>(orow + t) + Dd * vload<rv>(urow + t)) * zz * vsigmoid(zz);
-        if (addrow) o += vload<rv>(addrow + t);
+        const rv zz = load_sv(zrow + t, rv{});
+        rv o = (load_sv(orow + t, rv{}) + Dd * load_sv(urow + t, rv{})) * zz * vsigmoid(zz);
+        if (addrow) o += load_sv(addrow + t, rv{});
         store(orow + t, o);
       }
     }
@@ -727,17 +726,17 @@ inline void bwd_prepass(const ScanArgs& a, const RowInfo& ri, const float* drow,
   float *dt = r.dt.data(), *sig = r.sig.data(), *g = r.g.data(), *zf = r.zf.data(), *xs = r.xs.data();
   int64_t i = 0;
   for (; i + RVW <= L; i += RVW) {
-    rv v = vload<rv>(drow + i) + bias;
+    rv v = load_sv(drow + i, rv{}) + bias;
     if (a.softplus) {
       rv sg;
       v = vsoftplus_sig(v, sg);
       store(sig + i, sg);
     }
     store(dt + i, v);
-    store(xs + i, v * vload<rv>(urow + i));
-    const rv go = vload<rv>(gout + i);
+    store(xs + i, v * load_sv(urow + i, rv{}));
+    const rv go = load_sv(gout + i, rv{});
     if (zrow) {
-      const rv zz = vload<rv>(zrow + i), sg = vsigmoid(zz);
+      const rv zz = load_sv(zrow + i, rv{}), sg = vsigmoid(zz);
       store(g + i, go * zz * sg);
       store(zf + i, go * sg * (1.0f + zz * (1.0f - sg)));
     } else {
@@ -772,14 +771,17 @@ inline void bwd_epilogue(const ScanArgs& a, const RowInfo& ri, int64_t row, cons
   rv dDv{}, dbv{};
   int64_t i = 0;
   for (; i + RVW <= L; i += RVW) {
-    const rv gv = vload<rv>(g + i), uv = vload<rv>(urow + i), dx = vload<rv>(dxs + i);
-    store(durow + i, gv * Dd + dx * vload<rv>(dt + i));
-    rv dd = vload<rv>(dss + i) + dx * uv;
-    if (a.softplus) dd *= vload<rv>(sig + i);
+    const rv gv = load_sv(g + i, rv{}), uv = load_sv(urow + i, rv{}), dx = load_sv(dxs + i, rv{});
+    store(durow + i, gv * Dd + dx * load_sv(dt + i, rv{}));
+    rv dd = load_sv(dss + i, rv{}) + dx * uv;
+    if (a.softplus) dd *= load_sv(sig + i, rv{});
     store(ddrow + i, dd);
     dbv += dd;
     dDv += gv * uv;
-    if (dzrow) store(dzrow + i, vload<rv>(zf + i) * (prerow ? vload<rv>(prerow + i) : vload<rv>(ys + i) + Dd * uv));
+    if (dzrow) {
+      const rv pre = prerow ? load_sv(prerow + i, rv{}) : load_sv(ys + i, rv{}) + Dd * uv;
+      store(dzrow + i, load_sv(zf + i, rv{}) * pre);
+    }
   }
   float dDacc = vsum(dDv), dbias = vsum(dbv);
   for (; i < L; ++i) {
@@ -1247,36 +1249,40 @@ void conv_silu_backward_rows(const ConvSiluArgs& a, int64_t row0, int64_t row1) 
 // elsewhere; the causal tap i of output t reads xp[t + i], the anti-causal one xp[t + 2P - i].
 constexpr int64_t kConvTaps = 8;
 
+// Row `row` of a (rows, L) float32 or bfloat16 tensor copied (widened) into dst, and its inverse: unlike
+// in_row / out_row, always through the caller's buffer, which here is padded or reused across directions.
+inline void load_row(const float* base, bool bf16, int64_t row, int64_t L, float* dst) {
+  if (bf16) bf16_to_f32(reinterpret_cast<const uint16_t*>(base) + row * L, dst, L);
+  else std::memcpy(dst, base + row * L, L * sizeof(float));
+}
+
+inline void store_row(float* base, bool bf16, int64_t row, int64_t L, const float* src) {
+  if (bf16) f32_to_bf16(src, reinterpret_cast<uint16_t*>(base) + row * L, L);
+  else std::memcpy(base + row * L, src, L * sizeof(float));
+}
+
 struct ConvRowBufs {
   int64_t L, Lr, P;
   std::vector<float> xp, pre, gp, acc, io;
   ConvRowBufs(int64_t L_, int64_t k)
       : L(L_), Lr((L_ + RVW - 1) / RVW * RVW), P(k - 1), xp(Lr + 2 * P + RVW), pre(Lr), gp(Lr + 2 * P + RVW),
         acc(Lr), io(Lr) {}
-  // Widen row `row` of x into the padded buffer (positions past L stay zero from construction).
-  void load_x(const float* x, bool bf16, int64_t row) {
-    if (bf16) bf16_to_f32(reinterpret_cast<const uint16_t*>(x) + row * L, xp.data() + P, L);
-    else std::memcpy(xp.data() + P, x + row * L, L * sizeof(float));
-  }
+  // Row `row` of x into the padded buffer (positions past L stay zero from construction).
+  void load_x(const float* x, bool bf16, int64_t row) { load_row(x, bf16, row, L, xp.data() + P); }
 };
 
 // Pre-activations of one direction for all Lr positions (the tail past L reads zeros: finite, never stored).
 template <int64_t k>
 inline void conv_pre_vec(const ConvRowBufs& rb, const float* w, float b, bool rev, float* pre) {
   rv wv[k];
-  for (int64_t i = 0; i < k; ++i) wv[i] = rv{} + (w[i]);
+  for (int64_t i = 0; i < k; ++i) wv[i] = rv{} + w[i];
   const float* xp = rb.xp.data();
   const int64_t off = rev ? 2 * rb.P : 0, dir = rev ? -1 : 1;
   for (int64_t t = 0; t < rb.Lr; t += RVW) {
-    rv acc = rv{} + (b);
-    for (int64_t i = 0; i < k; ++i) acc += wv[i] * vload<rv>(xp + t + off + dir * i);
+    rv acc = rv{} + b;
+    for (int64_t i = 0; i < k; ++i) acc += wv[i] * load_sv(xp + t + off + dir * i, rv{});
     store(pre + t, acc);
   }
-}
-
-inline void store_row(float* base, bool bf16, int64_t row, int64_t L, const float* src) {
-  if (bf16) f32_to_bf16(src, reinterpret_cast<uint16_t*>(base) + row * L, L);
-  else std::memcpy(base + row * L, src, L * sizeof(float));
 }
 
 template <int64_t k>
@@ -1290,7 +1296,7 @@ void conv_silu_forward_rows_vec(const ConvSiluArgs& a, int64_t row0, int64_t row
     for (int64_t j = 0; j < a.ndir; ++j) {
       conv_pre_vec<k>(rb, a.w[j] + d * k, a.bias[j] ? a.bias[j][d] : 0.0f, a.reverse[j] != 0, o);
       for (int64_t t = 0; t < rb.Lr; t += RVW) {
-        const rv p = vload<rv>(o + t);
+        const rv p = load_sv(o + t, rv{});
         store(o + t, p * vsigmoid(p));
       }
       store_row(a.out[j], bo, row, a.len, o);
@@ -1314,28 +1320,27 @@ void conv_silu_backward_rows_vec(const ConvSiluArgs& a, int64_t row0, int64_t ro
       const float* w = a.w[j] + d * k;
       const bool rev = a.reverse[j] != 0;
       conv_pre_vec<k>(rb, w, a.bias[j] ? a.bias[j][d] : 0.0f, rev, pre);
-      if (bg) bf16_to_f32(reinterpret_cast<const uint16_t*>(a.gout[j]) + row * L, g, L);
-      else std::memcpy(g, a.gout[j] + row * L, L * sizeof(float));
+      load_row(a.gout[j], bg, row, L, g);
       // gp = g silu'(pre) into gpp[P + t]; the sums for db and dw[i] as vectors.
       const int64_t off = rev ? 2 * P : 0, dir = rev ? -1 : 1;
       rv dbv{}, dwv[k];
       for (int64_t i = 0; i < k; ++i) dwv[i] = rv{};
       for (int64_t t = 0; t < Lr; t += RVW) {
-        const rv p = vload<rv>(pre + t), sg = vsigmoid(p);
-        const rv gp = vload<rv>(g + t) * sg * (1.0f + p * (1.0f - sg));
+        const rv p = load_sv(pre + t, rv{}), sg = vsigmoid(p);
+        const rv gp = load_sv(g + t, rv{}) * sg * (1.0f + p * (1.0f - sg));
         store(gpp + P + t, gp);
         dbv += gp;
-        for (int64_t i = 0; i < k; ++i) dwv[i] += gp * vload<rv>(xp + t + off + dir * i);
+        for (int64_t i = 0; i < k; ++i) dwv[i] += gp * load_sv(xp + t + off + dir * i, rv{});
       }
       if (a.db_rows[j]) a.db_rows[j][row] = vsum(dbv);
       for (int64_t i = 0; i < k; ++i) a.dw_rows[j][row * k + i] = vsum(dwv[i]);
       // dx: the adjoint of the causal conv is anti-causal over gp, and vice versa (gpp is zero outside [P, P + L)).
       rv wv[k];
-      for (int64_t i = 0; i < k; ++i) wv[i] = rv{} + (w[i]);
+      for (int64_t i = 0; i < k; ++i) wv[i] = rv{} + w[i];
       const int64_t aoff = rev ? 0 : 2 * P, adir = rev ? 1 : -1;
       for (int64_t t = 0; t < Lr; t += RVW) {
-        rv acc = j == 0 ? rv{} : vload<rv>(dx + t);
-        for (int64_t i = 0; i < k; ++i) acc += wv[i] * vload<rv>(gpp + t + aoff + adir * i);
+        rv acc = j == 0 ? rv{} : load_sv(dx + t, rv{});
+        for (int64_t i = 0; i < k; ++i) acc += wv[i] * load_sv(gpp + t + aoff + adir * i, rv{});
         store(dx + t, acc);
       }
     }

@@ -143,12 +143,13 @@ class _ToChannelMajor(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         b = x.shape[0]
         blocks = weight.chunk(ctx.parts, dim=0)
+        grads = [None if g is None else g.to(x.dtype) for g in grads]
         gx = gw = None
         if ctx.needs_input_grad[0]:
             for g, w in zip(grads, blocks):
                 if g is None:
                     continue
-                g_t = g.to(x.dtype).transpose(1, 2)
+                g_t = g.transpose(1, 2)
                 if gx is None:
                     gx = torch.bmm(g_t, w.expand(b, -1, -1))
                 else:
@@ -159,7 +160,7 @@ class _ToChannelMajor(torch.autograd.Function):
             gw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
             for gw_i, g in zip(gw.chunk(ctx.parts, dim=0), grads):
                 if g is not None:
-                    torch.sum(torch.bmm(g.to(x.dtype), x), 0, dtype=torch.float32, out=gw_i)
+                    torch.sum(torch.bmm(g, x), 0, dtype=torch.float32, out=gw_i)
             gw = gw.to(ctx.weight_dtype)
         return gx, gw, None
 
