@@ -625,6 +625,38 @@ inline void out_row_done(float* base, bool bf16, int64_t row, int64_t L, const f
   if (base && bf16) f32_to_bf16(buf, reinterpret_cast<uint16_t*>(base) + row * L, L);
 }
 
+
+// Software prefetch of the rows a thread takes next, a few lines at a time over the current rows' compute. The
+// per-row passes read and write whole rows in bursts between long compute phases, and on a machine whose caches
+// are shared with other work the hardware prefetchers bring too little too late: in-process A/B at DiS-S/2's shape
+// in bf16 (4 x 736 rows of 1026, 2 threads), the forward took 7-11% less time with this and the backward 3-5% less.
+// Fetching the next rows in one burst, or only during the last chunks, measured no better.
+struct RowPrefetch {
+  const char* p[16];
+  int64_t bytes[16];
+  bool write[16];
+  int n = 0, i = 0;
+  int64_t off = 0;
+  void add(const float* base, bool bf16, int64_t row, int64_t L, bool w = false) {
+    if (!base || n == 16) return;
+    const int64_t b = L * (bf16 ? 2 : 4);
+    p[n] = reinterpret_cast<const char*>(base) + row * b, bytes[n] = b, write[n] = w, ++n;
+  }
+  int64_t lines() const {
+    int64_t s = 0;
+    for (int k = 0; k < n; ++k) s += (bytes[k] + 63) / 64;
+    return s;
+  }
+  void step(int64_t count) {
+    for (; count > 0 && i < n; --count) {
+      if (write[i]) __builtin_prefetch(p[i] + off, 1, 3);
+      else __builtin_prefetch(p[i] + off, 0, 3);
+      off += 64;
+      if (off >= bytes[i]) off = 0, ++i;
+    }
+  }
+};
+
 template <int NS, typename SV>
 void forward_rows_vec(const ScanArgs& a, int64_t row0, int64_t row1) {
   constexpr int SW = lanes<SV>(), NV = NS / SW;
@@ -638,6 +670,16 @@ void forward_rows_vec(const ScanArgs& a, int64_t row0, int64_t row1) {
   std::vector<float> stage(staged ? 6 * L : 0);
   float* sb = stage.data();
   for (int64_t row = row0; row < row1; ++row) {
+    RowPrefetch pf;
+    if (row + 1 < row1) {
+      pf.add(a.u, a.bf16_io & BF16_U, row + 1, L);
+      pf.add(a.delta, a.bf16_io & BF16_DELTA, row + 1, L);
+      pf.add(a.z, a.bf16_io & BF16_Z, row + 1, L);
+      pf.add(a.add, a.bf16_io & BF16_ADD, row + 1, L);
+      pf.add(a.out, a.bf16_io & BF16_OUT, row + 1, L, true);
+      if (a.gate_add && a.z && a.add) pf.add(a.pre_gate, a.bf16_io & BF16_PRE, row + 1, L, true);
+    }
+    const int64_t pf_per_block = (pf.lines() * VW + L - 1) / L + 1;
     const RowInfo ri = row_info(a, row);
     const float* urow = in_row(a.u, a.bf16_io & BF16_U, row, L, sb);
     const float* drow = in_row(a.delta, a.bf16_io & BF16_DELTA, row, L, sb + L);
@@ -661,6 +703,7 @@ void forward_rows_vec(const ScanArgs& a, int64_t row0, int64_t row1) {
     int64_t next_cs = 0;
     for (int64_t s0 = 0; s0 < L; s0 += VW) {
       const int64_t cnt = std::min<int64_t>(VW, L - s0);
+      pf.step(pf_per_block);
       const int64_t t0 = a.reverse ? L - 1 - s0 : s0;
       for (int64_t k = 0; k < cnt; ++k) {
         const int64_t t = t0 + k * step;
@@ -809,7 +852,7 @@ inline void bwd_epilogue(const ScanArgs& a, const RowInfo& ri, int64_t row, cons
 // recompute and the reverse pass: each load of B and C and each read-modify-write of dB and dC serves R rows, and
 // the rows' dependency chains (the state's FMA, the reverse dh's FMA and multiply) run side by side.
 template <int NS, typename SV, int R>
-void backward_group(const ScanArgs& a, int64_t row, int64_t tid, BwdRow* rb) {
+void backward_group(const ScanArgs& a, int64_t row, int64_t tid, BwdRow* rb, int64_t next0, int64_t next1) {
   constexpr int SW = lanes<SV>(), NV = NS / SW;
   const int64_t L = a.len, K = a.chunk;
   const int64_t nchunks = (L + K - 1) / K;
@@ -839,8 +882,22 @@ void backward_group(const ScanArgs& a, int64_t row, int64_t tid, BwdRow* rb) {
       dh[r][j] = SV{}, dAacc[r][j] = SV{};
     }
   }
+  RowPrefetch pf;
+  for (int64_t p = next0; p < next1; ++p) {
+    pf.add(a.u, a.bf16_io & BF16_U, p, L);
+    pf.add(a.dout, a.bf16_io & BF16_DOUT, p, L);
+    pf.add(a.delta, a.bf16_io & BF16_DELTA, p, L);
+    pf.add(a.z, a.bf16_io & BF16_Z, p, L);
+    if (a.gate_add && a.z) pf.add(a.pre_gate, a.bf16_io & BF16_PRE, p, L);
+    pf.add(a.du, a.bf16_io & BF16_DU, p, L, true);
+    pf.add(a.ddelta, a.bf16_io & BF16_DDELTA, p, L, true);
+    pf.add(a.dz, a.bf16_io & BF16_DZ, p, L, true);
+    if (a.dadd) pf.add(a.dadd, a.bf16_io & BF16_DADD, p, L, true);
+  }
+  const int64_t pf_per_chunk = pf.lines() / nchunks + 1;
   const bool recompute_y = recomputes_y(a);
   for (int64_t c = nchunks - 1; c >= 0; --c) {
+    pf.step(pf_per_chunk);
     const int64_t s0 = c * K, s1 = std::min(L, s0 + K);
     SV h[R][NV];
     for (int r = 0; r < R; ++r)
@@ -921,10 +978,10 @@ void backward_rows_vec(const ScanArgs& a, int64_t row0, int64_t row1, int64_t ti
   for (int r = 0; r < R; ++r) rb.emplace_back(a, NS);
   for (int64_t row = row0; row < row1;) {
     if (R > 1 && pair_shares_bc(a, row, R, row1)) {
-      backward_group<NS, SV, R>(a, row, tid, rb.data());
+      backward_group<NS, SV, R>(a, row, tid, rb.data(), row + R, std::min(row1, row + 2 * R));
       row += R;
     } else {
-      backward_group<NS, SV, 1>(a, row, tid, rb.data());
+      backward_group<NS, SV, 1>(a, row, tid, rb.data(), row + 1, std::min(row1, row + 2));
       row += 1;
     }
   }
