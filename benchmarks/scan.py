@@ -2,6 +2,7 @@
 
     python benchmarks/scan.py                      # batch 2, channels 768, state 16, lengths 256 1024 4096
     python benchmarks/scan.py --lengths 1024 --skip-ref
+    python benchmarks/scan.py --lengths 1026 --batch 4 --dim 736 --dtype bf16 --skip-ref   # DiS-S/2 under autocast
 
 For every implementation and length: forward (no grad) and forward+backward wall milliseconds (median of repeats) and
 CPU milliseconds (all threads), peak memory, achieved GFLOP/s (9*B*L*D*N flops per forward, wall time) and ratios
@@ -34,7 +35,9 @@ from pathlib import Path
 IMPLS = ("ssmdiff", "mambapy", "reference")
 
 
-def make_inputs(impl: str, batch: int, dim: int, length: int, state: int, grad: bool):
+def make_inputs(impl: str, batch: int, dim: int, length: int, state: int, grad: bool, dtype: str = "fp32"):
+    """u, delta, A, B, C, D; with dtype "bf16", u, delta, B and C are bfloat16 (as bf16 autocast hands them to the
+    scan in a model: the products before it run in bf16), A and D float32."""
     import torch
 
     g = torch.Generator().manual_seed(0)
@@ -44,6 +47,8 @@ def make_inputs(impl: str, batch: int, dim: int, length: int, state: int, grad: 
     B = torch.randn(batch, state, length, generator=g)
     C = torch.randn(batch, state, length, generator=g)
     D = torch.ones(dim)
+    if dtype == "bf16":
+        u, delta, B, C = (t.to(torch.bfloat16) for t in (u, delta, B, C))
     if impl == "mambapy":  # its preferred layout: (batch, length, channels) and (batch, length, state)
         u, delta, B, C = (t.transpose(1, 2).contiguous() for t in (u, delta, B, C))
     tensors = [u, delta, A, B, C, D]
@@ -84,7 +89,7 @@ def _status_kb(field: str) -> int:
 
 
 def measure(impl: str, mode: str, batch: int, dim: int, length: int, state: int, threads: int, repeats: int,
-            budget_s: float) -> dict:
+            budget_s: float, dtype: str = "fp32") -> dict:
     """Runs in a subprocess: times ``mode`` ("fwd" or "fwdbwd") and measures its peak extra memory."""
     import torch
 
@@ -94,7 +99,7 @@ def measure(impl: str, mode: str, batch: int, dim: int, length: int, state: int,
     tune_cpu_allocator()
     torch.set_num_threads(threads)
     grad = mode == "fwdbwd"
-    inputs = make_inputs(impl, batch, dim, length, state, grad)
+    inputs = make_inputs(impl, batch, dim, length, state, grad, dtype)
     op = make_op(impl)
 
     def once():
@@ -140,7 +145,8 @@ def measure(impl: str, mode: str, batch: int, dim: int, length: int, state: int,
 
 def run_subprocess(args, impl: str, mode: str, length: int, timeout: float | None) -> dict | None:
     cmd = [sys.executable, __file__, "--_measure", impl, mode, str(length), "--batch", str(args.batch), "--dim",
-           str(args.dim), "--state", str(args.state), "--threads", str(args.threads), "--repeats", str(args.repeats)]
+           str(args.dim), "--state", str(args.state), "--threads", str(args.threads), "--repeats", str(args.repeats),
+           "--dtype", args.dtype]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -158,6 +164,8 @@ def main(argv=None) -> int:
     p.add_argument("--state", type=int, default=16)
     p.add_argument("--threads", type=int, default=None, help="torch/kernel threads (default: torch's default)")
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
+                   help="dtype of u, delta, B and C (bf16: the kernel's bf16 row path, as in a bf16-autocast model)")
     p.add_argument("--ref-limit", type=float, default=60.0, help="seconds the reference may take per measurement")
     p.add_argument("--skip-ref", action="store_true")
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results",
@@ -167,7 +175,7 @@ def main(argv=None) -> int:
     if args._measure:
         impl, mode, length = args._measure
         res = measure(impl, mode, args.batch, args.dim, int(length), args.state, args.threads, args.repeats,
-                      budget_s=20.0)
+                      budget_s=20.0, dtype=args.dtype)
         print(json.dumps(res))
         return 0
 
@@ -177,7 +185,8 @@ def main(argv=None) -> int:
     from ssmdiff.ssm.ops.selective_scan import resolve_backend
 
     backend = resolve_backend(torch.device("cpu"))
-    print(f"selective scan: batch {args.batch}, channels {args.dim}, state {args.state}, {args.threads} threads, "
+    print(f"selective scan: batch {args.batch}, channels {args.dim}, state {args.state}, {args.dtype}, "
+          f"{args.threads} threads, "
           f"ssmdiff backend '{backend}'; fwd = no-grad forward, fwd+bwd = forward + backward of all inputs")
     impls = list(IMPLS)
     if importlib.util.find_spec("mambapy") is None:
@@ -224,7 +233,7 @@ def main(argv=None) -> int:
 
     summary = check_bars(results)
     args.out.mkdir(parents=True, exist_ok=True)
-    payload = {"config": {k: getattr(args, k) for k in ("batch", "dim", "state", "threads", "repeats")},
+    payload = {"config": {k: getattr(args, k) for k in ("batch", "dim", "state", "threads", "repeats", "dtype")},
                "backend": backend, "command": " ".join([Path(sys.executable).name] + sys.argv),
                "torch": torch.__version__, "results": results, "bars": summary}
     (args.out / "scan.json").write_text(json.dumps(payload, indent=2))

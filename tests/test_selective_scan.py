@@ -560,3 +560,25 @@ def test_scan_benchmark_runs_on_tiny_shapes(tmp_path, capsys):
         assert "mambapy is not installed" in out and "mambapy_fwd_ms" not in row
     # The suite runs with SSMDIFF_MALLOC=default (conftest), which the measuring processes inherit and record.
     assert row["cpu_allocator"] == "default (SSMDIFF_MALLOC=default)"
+
+
+@needs_kernel
+def test_scan_benchmark_bf16_inputs(tmp_path):
+    """--dtype bf16 hands the kernel bfloat16 u, delta, B and C (its bf16 row path), A and D float32, and records
+    the dtype."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "scan.py"
+    spec = importlib.util.spec_from_file_location("bench_scan", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    u, delta, A, B, C, D = mod.make_inputs("ssmdiff", 1, 4, 32, 8, grad=False, dtype="bf16")
+    assert {t.dtype for t in (u, delta, B, C)} == {torch.bfloat16} and A.dtype == D.dtype == torch.float32
+    assert mod.main(["--lengths", "64", "--batch", "1", "--dim", "4", "--state", "8", "--repeats", "1",
+                     "--skip-ref", "--dtype", "bf16", "--out", str(tmp_path)]) == 0
+    payload = json.loads((tmp_path / "scan.json").read_text())
+    (row,) = payload["results"]
+    assert payload["config"]["dtype"] == "bf16"
+    assert row["ssmdiff_fwd_ms"] > 0 and row["ssmdiff_fwdbwd_ms"] > 0
