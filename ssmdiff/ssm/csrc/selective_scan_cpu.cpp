@@ -591,14 +591,28 @@ inline void skip_and_gate_vec(const ScanArgs& a, const RowInfo& ri, const float*
 
 // bfloat16 rows: widen exactly; narrow with round-to-nearest-even (NaN stays NaN), as torch's .to(bfloat16) does.
 inline void bf16_to_f32(const uint16_t* src, float* dst, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) {
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  for (; i + 16 <= n; i += 16)
+    _mm512_storeu_si512(dst + i, _mm512_slli_epi32(
+        _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i))), 16));
+#endif
+  for (; i < n; ++i) {
     const uint32_t bits = uint32_t(src[i]) << 16;
     std::memcpy(dst + i, &bits, sizeof(float));
   }
 }
 
 inline void f32_to_bf16(const float* src, uint16_t* dst, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) {
+  int64_t i = 0;
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+  // vcvtneps2bf16 rounds to nearest even and quiets NaNs keeping sign and top payload bits, as the loop below does;
+  // it reads denormal inputs as zero, which the kernels' own arithmetic (flush-to-zero) never produces.
+  for (; i + 16 <= n; i += 16)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i),
+                        reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(_mm512_loadu_ps(src + i))));
+#endif
+  for (; i < n; ++i) {
     uint32_t bits;
     std::memcpy(&bits, src + i, sizeof(float));
     const bool nan = (bits & 0x7fffffffu) > 0x7f800000u;
@@ -623,6 +637,18 @@ inline float* out_row(float* base, bool bf16, int64_t row, int64_t L, float* buf
 
 inline void out_row_done(float* base, bool bf16, int64_t row, int64_t L, const float* buf) {
   if (base && bf16) f32_to_bf16(buf, reinterpret_cast<uint16_t*>(base) + row * L, L);
+}
+
+// Row `row` of a (rows, L) float32 or bfloat16 tensor copied (widened) into dst, and its inverse: unlike
+// in_row / out_row, always through the caller's buffer (the conv's padded row, a float32 row already computed).
+inline void load_row(const float* base, bool bf16, int64_t row, int64_t L, float* dst) {
+  if (bf16) bf16_to_f32(reinterpret_cast<const uint16_t*>(base) + row * L, dst, L);
+  else std::memcpy(dst, base + row * L, L * sizeof(float));
+}
+
+inline void store_row(float* base, bool bf16, int64_t row, int64_t L, const float* src) {
+  if (bf16) f32_to_bf16(src, reinterpret_cast<uint16_t*>(base) + row * L, L);
+  else std::memcpy(base + row * L, src, L * sizeof(float));
 }
 
 
@@ -752,7 +778,7 @@ struct BwdRow {
   std::vector<vf> dxbuf, dsbuf, ybuf;  // per-step partial sums, reduced 8 steps at a time after each chunk
   BwdRow(const ScanArgs& a, int64_t ns)
       : dt(a.len), sig(a.softplus ? a.len : 0), g(a.len), zf(a.z ? a.len : 0), xs(a.len), dxs(a.len), dss(a.len),
-        ys(recomputes_y(a) ? a.len : 0), hs((a.chunk + 1) * ns), as(a.chunk * ns), stage(a.bf16_io ? 9 * a.len : 0),
+        ys(recomputes_y(a) ? a.len : 0), hs((a.chunk + 1) * ns), as(a.chunk * ns), stage(a.bf16_io ? 8 * a.len : 0),
         dxbuf(a.chunk), dsbuf(a.chunk), ybuf(recomputes_y(a) ? a.chunk : 0) {}
 };
 
@@ -837,9 +863,7 @@ inline void bwd_epilogue(const ScanArgs& a, const RowInfo& ri, int64_t row, cons
     if (dzrow) dzrow[i] = zf[i] * (prerow ? prerow[i] : ys[i] + Dd * urow[i]);
   }
   if (zrow && a.gate_add && a.dadd) {  // dadd = g = dout silu(z), the gradient reaching the gated sum
-    float* darow = out_row(a.dadd, a.bf16_io & BF16_DADD, row, L, sb + 8 * L);
-    std::memcpy(darow, g, L * sizeof(float));
-    out_row_done(a.dadd, a.bf16_io & BF16_DADD, row, L, darow);
+    store_row(a.dadd, a.bf16_io & BF16_DADD, row, L, g);
   }
   out_row_done(a.du, a.bf16_io & BF16_DU, row, L, durow);
   out_row_done(a.ddelta, a.bf16_io & BF16_DDELTA, row, L, ddrow);
@@ -1305,18 +1329,6 @@ void conv_silu_backward_rows(const ConvSiluArgs& a, int64_t row0, int64_t row1) 
 // per tap and per step (about a dozen over each row forward). Padded layout, P = k - 1: xp[P + t] = x[t], zeros
 // elsewhere; the causal tap i of output t reads xp[t + i], the anti-causal one xp[t + 2P - i].
 constexpr int64_t kConvTaps = 8;
-
-// Row `row` of a (rows, L) float32 or bfloat16 tensor copied (widened) into dst, and its inverse: unlike
-// in_row / out_row, always through the caller's buffer, which here is padded or reused across directions.
-inline void load_row(const float* base, bool bf16, int64_t row, int64_t L, float* dst) {
-  if (bf16) bf16_to_f32(reinterpret_cast<const uint16_t*>(base) + row * L, dst, L);
-  else std::memcpy(dst, base + row * L, L * sizeof(float));
-}
-
-inline void store_row(float* base, bool bf16, int64_t row, int64_t L, const float* src) {
-  if (bf16) f32_to_bf16(src, reinterpret_cast<uint16_t*>(base) + row * L, L);
-  else std::memcpy(base + row * L, src, L * sizeof(float));
-}
 
 struct ConvRowBufs {
   int64_t L, Lr, P;
