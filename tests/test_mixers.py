@@ -331,3 +331,52 @@ def test_mixers_compile_without_graph_breaks(make):
     g_comp = torch.autograd.grad(y_comp.square().sum(), [x, *m.parameters()])
     for a, b in zip(g_comp, g_eager):
         torch.testing.assert_close(a, b)
+
+
+def _graph_has(t, name):
+    seen, stack = set(), [t.grad_fn]
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        if type(fn).__name__ == name:
+            return True
+        stack.extend(f for f, _ in fn.next_functions)
+    return False
+
+
+@pytest.mark.parametrize("make", [lambda: BiMamba(32), lambda: Mamba(32, reverse=True), lambda: Mamba(32)],
+                         ids=["bimamba", "mamba_reverse", "mamba"])
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16"])
+def test_fused_direction_matches_separate_ops(make, autocast, monkeypatch):
+    """Training on the CPU kernel runs each direction's x_proj, dt_proj and scan as one autograd node
+    (``_ScanDirection``): outputs and every gradient match autograd over the separate ops, in float32 and under
+    bf16 autocast (there within bf16 rounding: the input gradient is accumulated by the product instead of a
+    rounded add, weight gradients are summed in float32). Sampling (no grad) keeps the separate ops."""
+    from ssmdiff.ssm.modules import mamba as mamba_mod
+    from ssmdiff.ssm.ops import _scan_cpu
+
+    if not _scan_cpu.available():
+        pytest.skip("the compiled CPU kernel could not be built")
+    torch.manual_seed(0)
+    m = make()
+    x = torch.randn(2, 70, 32, requires_grad=True)
+    gy = torch.randn(2, 70, 32)
+
+    def run(fused):
+        monkeypatch.setattr(mamba_mod, "FUSED_DIRECTION", fused)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            y = m(x)
+        assert _graph_has(y, "_ScanDirectionBackward") == fused
+        return [y.float(), *torch.autograd.grad(y.float(), [x, *m.parameters()], gy)]
+
+    names = ["y", "x", *(n for n, _ in m.named_parameters())]
+    for name, a, b in zip(names, run(True), run(False)):
+        assert a.dtype == b.dtype, name
+        if autocast:  # relative to the whole tensor's norm: bf16 rounding differs element by element
+            assert (a - b).norm() <= 2e-2 * b.norm(), name
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)
+    with torch.no_grad():
+        assert m(x).grad_fn is None

@@ -18,9 +18,15 @@ from torch.autograd.function import once_differentiable
 
 from ..ops import _scan_cpu
 from ..ops._scan_cpu import channel_major
-from ..ops.selective_scan import selective_scan
+from ..ops.counting import record_flops
+from ..ops.selective_scan import resolve_backend, selective_scan
 from ..ops.products import LowPrecisionBmm, autocast_dtype, linear, low_precision_cpu_dtype
 from .conv import conv_silu
+
+
+# Whether training on the CPU kernel runs each direction through ``_ScanDirection`` (tests switch it off to
+# compare with autograd over the separate ops).
+FUSED_DIRECTION = True
 
 
 def _resolve_dt_rank(dt_rank, d_model: int) -> int:
@@ -174,6 +180,72 @@ def _out(out_proj: nn.Linear, y: torch.Tensor) -> torch.Tensor:
     return out if out_proj.bias is None else out + out_proj.bias.to(out.dtype)
 
 
+class _ScanDirection(torch.autograd.Function):
+    """x_proj, dt_proj and the compiled CPU scan of one direction as one autograd node (what ``_scan_direction``
+    computes, same products and kernel calls).
+
+    Autograd over the separate ops adds the scan's du and x_proj's input gradient in another pass over a tensor of
+    the mixer's width, concatenates the gradients of dt_low, B and C for x_proj's backward, and sums the per-sample
+    gradients of the expanded weights in the activations' dtype. Here x_proj's input gradient is accumulated into
+    du by the product itself (``baddbmm_``), dB and dC go straight into one (batch, R + 2N, length) gradient, and
+    the weight gradients are summed in float32. Under autocast the products run in the autocast dtype, as torch.bmm
+    would (the backward reuses the forward's casts).
+    """
+
+    @staticmethod
+    def forward(ctx, x, z, add, w_x, w_dt, b_dt, A_log, D, d_state: int, reverse: bool, gate_add: bool):
+        dtype = autocast_dtype(x) or x.dtype
+        xc, wx, wdt = x.to(dtype), w_x.to(dtype), w_dt.to(dtype)
+        b, R = x.shape[0], w_dt.shape[1]
+        xdbl = torch.bmm(wx.expand(b, -1, -1), xc)
+        dt_low, Bm, Cm = torch.split(xdbl, [R, d_state, d_state], dim=1)
+        dt = torch.bmm(wdt.expand(b, -1, -1), dt_low)
+        A = -torch.exp(A_log.float())
+        Df, bias = D.float(), b_dt.float()
+        record_flops("selective_scan", 9 * b * x.shape[2] * x.shape[1] * d_state)
+        out, _, states, pre = _scan_cpu._scan_fwd(xc, dt, A, Bm, Cm, Df, z, bias, add, True, reverse, True,
+                                                  gate_add)
+        ctx.gated_add = _scan_cpu._keeps_pre_gate(z, add, True, gate_add)
+        ctx.save_for_backward(xc, z, wx, wdt, xdbl, dt, A, Df, bias, states, pre if ctx.gated_add else None)
+        ctx.meta = (R, d_state, reverse, None if add is None else add.dtype, x.dtype, w_x.dtype, w_dt.dtype,
+                    b_dt.dtype, D.dtype, A_log.dtype)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, gout):
+        xc, z, wx, wdt, xdbl, dt, A, Df, bias, states, pre = ctx.saved_tensors
+        R, N, reverse, add_dtype, x_dtype, wx_dtype, wdt_dtype, b_dtype, D_dtype, A_dtype = ctx.meta
+        dt_low, Bm, Cm = torch.split(xdbl, [R, N, N], dim=1)
+        du, ddelta, dA, dB, dC, dD, dz, dbias, dadd = _scan_cpu._scan_bwd(gout.contiguous(), xc, dt, A, Bm, Cm, Df,
+                                                                          z, bias, states, True, reverse, pre)
+        b = xc.shape[0]
+        g_xdbl = torch.empty_like(xdbl)
+        torch.bmm(wdt.t().expand(b, -1, -1), ddelta.to(wdt.dtype), out=g_xdbl[:, :R])
+        g_xdbl[:, R:R + N].copy_(dB)
+        g_xdbl[:, R + N:].copy_(dC)
+        gx = du.to(xc.dtype).baddbmm_(wx.t().expand(b, -1, -1), g_xdbl).to(x_dtype)
+        g_wx = torch.sum(torch.bmm(g_xdbl, xc.transpose(1, 2)), 0, dtype=torch.float32).to(wx_dtype)
+        g_wdt = torch.sum(torch.bmm(ddelta.to(wdt.dtype), dt_low.transpose(1, 2)), 0, dtype=torch.float32)
+        if add_dtype is None:
+            dadd = None
+        elif ctx.gated_add:
+            dadd = dadd.to(add_dtype)
+        else:
+            dadd = gout.to(add_dtype)  # added after the gate (or no gate): the output's gradient itself
+        return (gx, None if z is None else dz, dadd, g_wx, g_wdt.to(wdt_dtype), dbias.to(b_dtype),
+                (dA * A).to(A_dtype), dD.to(D_dtype), None, None, None)
+
+
+def _fused_direction(x, z, add, *params) -> bool:
+    """Whether ``_ScanDirection`` takes this direction: training on the compiled CPU kernel, products in float32 or
+    a natively supported bf16, outside torch.compile (which traces the separate ops)."""
+    return (x.device.type == "cpu" and x.shape[2] > 0 and torch.is_grad_enabled()
+            and any(t is not None and t.requires_grad for t in (x, z, add, *params))
+            and not torch.compiler.is_compiling() and low_precision_cpu_dtype(x) is None
+            and resolve_backend(x.device) == "cpu")
+
+
 def _scan_direction(x, z, x_proj: nn.Linear, dt_proj: nn.Linear, A_log, D, d_state: int, reverse: bool, add=None,
                     gate_add: bool = False):
     """One direction of Mamba-1 after its conv and SiLU: x, z of shape (batch, E, length) -> y (batch, E, length),
@@ -184,6 +256,9 @@ def _scan_direction(x, z, x_proj: nn.Linear, dt_proj: nn.Linear, A_log, D, d_sta
     dt_low, B and C are views of it, and dt_proj reads dt_low in place. Autograd's bmm backward then returns the
     gradient of x channel-major and contiguous (W^T @ grad), with no transposed copies.
     """
+    params = (x_proj.weight, dt_proj.weight, dt_proj.bias, A_log, D)
+    if FUSED_DIRECTION and _fused_direction(x, z, add, *params):
+        return _ScanDirection.apply(x, z, add, *params, d_state, reverse, gate_add)
     R = dt_proj.in_features
     xdbl = _channel_major(x_proj.weight, x)
     dt_low, Bm, Cm = torch.split(xdbl, [R, d_state, d_state], dim=1)
