@@ -655,7 +655,8 @@ inline void store_row(float* base, bool bf16, int64_t row, int64_t L, const floa
 // Software prefetch of the rows a thread takes next, a few lines at a time over the current rows' compute. The
 // per-row passes read and write whole rows in bursts between long compute phases, and on a machine whose caches
 // are shared with other work the hardware prefetchers bring too little too late: in-process A/B at DiS-S/2's shape
-// in bf16 (4 x 736 rows of 1026, 2 threads), the forward took 7-11% less time with this and the backward 3-5% less.
+// in bf16 (4 x 736 rows of 1026, 2 threads), the forward took 7-11% less time with this and the backward 3-5% less
+// (in float32 the forward 5-12% less; the backward prefetches only bfloat16 rows, see backward_group).
 // Fetching the next rows in one burst, or only during the last chunks, measured no better.
 struct RowPrefetch {
   const char* p[16];
@@ -918,7 +919,9 @@ void backward_group(const ScanArgs& a, int64_t row, int64_t tid, BwdRow* rb, int
     pf.add(a.dz, a.bf16_io & BF16_DZ, p, L, true);
     if (a.dadd) pf.add(a.dadd, a.bf16_io & BF16_DADD, p, L, true);
   }
-  const int64_t pf_per_chunk = pf.lines() / nchunks + 1;
+  // Only for bfloat16 rows: with float32 rows (twice the bytes, read in place by the passes) the same prefetch made
+  // the backward 4-11% slower in the in-process A/B (DiS-S/2's shape, 1026 and 4098 positions), the forward faster.
+  const int64_t pf_per_chunk = a.bf16_io ? pf.lines() / nchunks + 1 : 0;
   const bool recompute_y = recomputes_y(a);
   for (int64_t c = nchunks - 1; c >= 0; --c) {
     pf.step(pf_per_chunk);
