@@ -651,7 +651,6 @@ inline void store_row(float* base, bool bf16, int64_t row, int64_t L, const floa
   else std::memcpy(base + row * L, src, L * sizeof(float));
 }
 
-
 // Software prefetch of the rows a thread takes next, a few lines at a time over the current rows' compute. The
 // per-row passes read and write whole rows in bursts between long compute phases, and on a machine whose caches
 // are shared with other work the hardware prefetchers bring too little too late: in-process A/B at DiS-S/2's shape
@@ -659,13 +658,15 @@ inline void store_row(float* base, bool bf16, int64_t row, int64_t L, const floa
 // (in float32 the forward 5-12% less; the backward prefetches only bfloat16 rows, see backward_group).
 // Fetching the next rows in one burst, or only during the last chunks, measured no better.
 struct RowPrefetch {
-  const char* p[16];
-  int64_t bytes[16];
-  bool write[16];
+  static constexpr int kRows = 24;  // the backward adds up to 9 tensors' rows for each of a group's 2 rows
+  const char* p[kRows];
+  int64_t bytes[kRows];
+  bool write[kRows];
   int n = 0, i = 0;
   int64_t off = 0;
+  // Absent tensors (null base) are skipped, so callers pass every tensor a kernel may read or write.
   void add(const float* base, bool bf16, int64_t row, int64_t L, bool w = false) {
-    if (!base || n == 16) return;
+    if (!base || n == kRows) return;
     const int64_t b = L * (bf16 ? 2 : 4);
     p[n] = reinterpret_cast<const char*>(base) + row * b, bytes[n] = b, write[n] = w, ++n;
   }
@@ -704,7 +705,7 @@ void forward_rows_vec(const ScanArgs& a, int64_t row0, int64_t row1) {
       pf.add(a.z, a.bf16_io & BF16_Z, row + 1, L);
       pf.add(a.add, a.bf16_io & BF16_ADD, row + 1, L);
       pf.add(a.out, a.bf16_io & BF16_OUT, row + 1, L, true);
-      if (a.gate_add && a.z && a.add) pf.add(a.pre_gate, a.bf16_io & BF16_PRE, row + 1, L, true);
+      pf.add(a.pre_gate, a.bf16_io & BF16_PRE, row + 1, L, true);
     }
     const int64_t pf_per_block = (pf.lines() * VW + L - 1) / L + 1;
     const RowInfo ri = row_info(a, row);
@@ -907,21 +908,21 @@ void backward_group(const ScanArgs& a, int64_t row, int64_t tid, BwdRow* rb, int
       dh[r][j] = SV{}, dAacc[r][j] = SV{};
     }
   }
+  // Only for bfloat16 rows: with float32 rows (twice the bytes, read in place by the passes) the same prefetch made
+  // the backward 4-11% slower in the in-process A/B (DiS-S/2's shape, 1026 and 4098 positions), the forward faster.
   RowPrefetch pf;
-  for (int64_t p = next0; p < next1; ++p) {
+  for (int64_t p = next0; a.bf16_io && p < next1; ++p) {
     pf.add(a.u, a.bf16_io & BF16_U, p, L);
     pf.add(a.dout, a.bf16_io & BF16_DOUT, p, L);
     pf.add(a.delta, a.bf16_io & BF16_DELTA, p, L);
     pf.add(a.z, a.bf16_io & BF16_Z, p, L);
-    if (a.gate_add && a.z) pf.add(a.pre_gate, a.bf16_io & BF16_PRE, p, L);
+    pf.add(a.pre_gate, a.bf16_io & BF16_PRE, p, L);
     pf.add(a.du, a.bf16_io & BF16_DU, p, L, true);
     pf.add(a.ddelta, a.bf16_io & BF16_DDELTA, p, L, true);
     pf.add(a.dz, a.bf16_io & BF16_DZ, p, L, true);
-    if (a.dadd) pf.add(a.dadd, a.bf16_io & BF16_DADD, p, L, true);
+    pf.add(a.dadd, a.bf16_io & BF16_DADD, p, L, true);
   }
-  // Only for bfloat16 rows: with float32 rows (twice the bytes, read in place by the passes) the same prefetch made
-  // the backward 4-11% slower in the in-process A/B (DiS-S/2's shape, 1026 and 4098 positions), the forward faster.
-  const int64_t pf_per_chunk = a.bf16_io ? pf.lines() / nchunks + 1 : 0;
+  const int64_t pf_per_chunk = pf.lines() / nchunks + 1;
   const bool recompute_y = recomputes_y(a);
   for (int64_t c = nchunks - 1; c >= 0; --c) {
     pf.step(pf_per_chunk);

@@ -4,7 +4,7 @@ Parameter names and shapes follow mamba-ssm's ``Mamba`` and Vision Mamba's bimam
 ``dt_proj_b``, ``A_b_log``, ``D_b``), so parameter counts equal theirs and their state dicts load.
 
 Flops: the linear layers and the depthwise conv are seen by ``torch.utils.flop_counter.FlopCounterMode``; the scan
-records its own cost (9 * B * L * E * N, one multiply-add = one flop) through ``record_flops`` in the dispatcher.
+records its own cost (9 * B * L * E * N, one multiply-add = one flop) through ``record_scan_flops``.
 """
 
 from __future__ import annotations
@@ -18,8 +18,7 @@ from torch.autograd.function import once_differentiable
 
 from ..ops import _scan_cpu
 from ..ops._scan_cpu import channel_major
-from ..ops.counting import record_flops
-from ..ops.selective_scan import resolve_backend, selective_scan
+from ..ops.selective_scan import record_scan_flops, resolve_backend, selective_scan
 from ..ops.products import LowPrecisionBmm, autocast_dtype, linear, low_precision_cpu_dtype
 from .conv import conv_silu
 
@@ -185,11 +184,11 @@ class _ScanDirection(torch.autograd.Function):
     computes, same products and kernel calls).
 
     Autograd over the separate ops adds the scan's du and x_proj's input gradient in another pass over a tensor of
-    the mixer's width, concatenates the gradients of dt_low, B and C for x_proj's backward, and sums the per-sample
-    gradients of the expanded weights in the activations' dtype. Here x_proj's input gradient is accumulated into
-    du by the product itself (``baddbmm_``), dB and dC go straight into one (batch, R + 2N, length) gradient, and
-    the weight gradients are summed in float32. Under autocast the products run in the autocast dtype, as torch.bmm
-    would (the backward reuses the forward's casts).
+    the mixer's width and sums the per-sample gradients of the expanded weights in the activations' dtype. Here
+    x_proj's input gradient is accumulated into du by the product itself (``baddbmm_``) and the weight gradients
+    are summed in float32; the rest (one concatenation of the dt_low, B and C gradients, the products) is the same
+    work with fewer autograd nodes. Under autocast the products run in the autocast dtype, as torch.bmm would (the
+    backward reuses the forward's casts).
     """
 
     @staticmethod
@@ -202,7 +201,7 @@ class _ScanDirection(torch.autograd.Function):
         dt = torch.bmm(wdt.expand(b, -1, -1), dt_low)
         A = -torch.exp(A_log.float())
         Df, bias = D.float(), b_dt.float()
-        record_flops("selective_scan", 9 * b * x.shape[2] * x.shape[1] * d_state)
+        record_scan_flops(b, x.shape[1], x.shape[2], d_state)
         out, _, states, pre = _scan_cpu._scan_fwd(xc, dt, A, Bm, Cm, Df, z, bias, add, True, reverse, True,
                                                   gate_add)
         ctx.gated_add = _scan_cpu._keeps_pre_gate(z, add, True, gate_add)
@@ -220,19 +219,11 @@ class _ScanDirection(torch.autograd.Function):
         du, ddelta, dA, dB, dC, dD, dz, dbias, dadd = _scan_cpu._scan_bwd(gout.contiguous(), xc, dt, A, Bm, Cm, Df,
                                                                           z, bias, states, True, reverse, pre)
         b = xc.shape[0]
-        g_xdbl = torch.empty_like(xdbl)
-        torch.bmm(wdt.t().expand(b, -1, -1), ddelta.to(wdt.dtype), out=g_xdbl[:, :R])
-        g_xdbl[:, R:R + N].copy_(dB)
-        g_xdbl[:, R + N:].copy_(dC)
+        g_xdbl = torch.cat([torch.bmm(wdt.t().expand(b, -1, -1), ddelta.to(wdt.dtype)), dB, dC], dim=1)
         gx = du.to(xc.dtype).baddbmm_(wx.t().expand(b, -1, -1), g_xdbl).to(x_dtype)
         g_wx = torch.sum(torch.bmm(g_xdbl, xc.transpose(1, 2)), 0, dtype=torch.float32).to(wx_dtype)
         g_wdt = torch.sum(torch.bmm(ddelta.to(wdt.dtype), dt_low.transpose(1, 2)), 0, dtype=torch.float32)
-        if add_dtype is None:
-            dadd = None
-        elif ctx.gated_add:
-            dadd = dadd.to(add_dtype)
-        else:
-            dadd = gout.to(add_dtype)  # added after the gate (or no gate): the output's gradient itself
+        dadd = _scan_cpu.add_gradient(dadd, gout, add_dtype, ctx.gated_add)
         return (gx, None if z is None else dz, dadd, g_wx, g_wdt.to(wdt_dtype), dbias.to(b_dtype),
                 (dA * A).to(A_dtype), dD.to(D_dtype), None, None, None)
 

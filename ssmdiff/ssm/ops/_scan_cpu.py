@@ -411,17 +411,20 @@ def _scan_setup(ctx, inputs, output):
     ctx.add_dtype = None if add is None else add.dtype
 
 
+def add_gradient(dadd: torch.Tensor, dout: torch.Tensor, add_dtype: torch.dtype | None, gated_add: bool):
+    """The gradient of a scan's ``add`` input from ``_scan_bwd``'s dadd: None without add, dadd where add joined
+    before the gate, else the output's gradient itself (add was summed after the gate, or there was none)."""
+    if add_dtype is None:
+        return None
+    return (dadd if gated_add else dout).to(add_dtype)
+
+
 def _scan_backward(ctx, dout, _dlast, _dstates, _dpre):
     u, delta, A, B, C, D, z, delta_bias, states, pre = ctx.saved_tensors
     dout = torch.zeros_like(u) if dout is None else dout
     du, ddelta, dA, dB, dC, dD, dz, dbias, dadd = _scan_bwd(dout, u, delta, A, B, C, D, z, delta_bias, states,
                                                             *ctx.flags, pre)
-    if ctx.add_dtype is None:
-        dadd = None
-    elif ctx.gated_add:
-        dadd = dadd.to(ctx.add_dtype)
-    else:
-        dadd = dout.to(ctx.add_dtype)  # added after the gate (or no gate): the output's gradient itself
+    dadd = add_gradient(dadd, dout, ctx.add_dtype, ctx.gated_add)
     return (du, ddelta, dA, dB, dC, _none_if_empty(dD, D is not None), _none_if_empty(dz, z is not None),
             _none_if_empty(dbias, delta_bias is not None), dadd, None, None, None, None)
 

@@ -86,6 +86,12 @@ def _cuda_scan(fn, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse)
     return (out.flip(-1) if reverse else out), last
 
 
+def record_scan_flops(batch: int, channels: int, length: int, state: int) -> None:
+    """Record one selective scan's cost for ``count_extra_flops``: 9 multiply-adds per (batch, length, channel,
+    state) element, the convention every caller of the scan kernels shares."""
+    record_flops("selective_scan", 9 * batch * length * channels * state)
+
+
 def resolve_backend(device: torch.device, backend: str | None = None) -> str:
     """The implementation ``selective_scan`` would use for tensors on ``device``."""
     backend = backend or os.environ.get("SSMDIFF_SCAN_BACKEND") or "auto"
@@ -124,7 +130,7 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     _check_inputs(u, delta, A, B, C, D, z, delta_bias, add)
     b, d, length = u.shape
     n = A.shape[1]
-    record_flops("selective_scan", 9 * b * length * d * n)
+    record_scan_flops(b, d, length, n)
     kw = dict(D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus, reverse=reverse)
     if u.device.type == "meta":
         out = torch.empty(u.shape, dtype=u.dtype, device=u.device)
