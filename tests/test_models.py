@@ -177,6 +177,56 @@ def test_grad_checkpointing_matches(name):
             assert torch.allclose(g1[n], p.grad, atol=1e-5, rtol=1e-4), n
 
 
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_dis_skips_mixers_of_dropped_samples_with_the_same_result(monkeypatch, checkpointing):
+    """DiS draws stochastic depth up front and runs a middle or out block's mixer only on the samples the next add
+    keeps. Against the per-add draws (the switch off), from one seed: the same output, gradients and random state
+    afterwards, fewer samples through the mixers, and every parameter still in the graph when a whole batch is
+    dropped (DDP needs that)."""
+    import ssmdiff.models.dis as dis
+
+    model = create_model("DiS-T/2", input_size=8, in_channels=2, num_classes=5, drop_path_rate=0.6)
+    _randomise(model)
+    model.set_grad_checkpointing(checkpointing)
+    x, t, y = torch.randn(5, 2, 8, 8), torch.tensor([1.0, 50.0, 300.0, 700.0, 999.0]), torch.tensor([0, 1, 2, 3, 4])
+    seen = []
+    hooks = [m.mixer.register_forward_pre_hook(lambda _m, args: seen.append(args[0].shape[0])) for m in model.blocks()]
+
+    def run(skip):
+        monkeypatch.setattr(dis, "SKIP_DROPPED_SAMPLES", skip)
+        model.zero_grad(set_to_none=True)
+        seen.clear()
+        torch.manual_seed(3)
+        out = model.train()(x, t, y)
+        out.square().mean().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        return out.detach(), grads, torch.rand(4), list(seen)
+
+    out0, g0, rng0, batches0 = run(False)
+    out1, g1, rng1, batches1 = run(True)
+    assert torch.allclose(out0, out1, atol=1e-6, rtol=1e-5)
+    assert torch.equal(rng0, rng1)
+    assert g1.keys() == g0.keys()
+    for n in g0:
+        assert g1[n] is not None and torch.allclose(g0[n], g1[n], atol=1e-6, rtol=1e-4), n
+    n_blocks = len(model.blocks())
+    forward_batches = batches1[:n_blocks]  # checkpointing repeats the block forwards in the backward
+    assert set(batches0) == {5} and forward_batches[: len(model.in_blocks)] == [5] * len(model.in_blocks)
+    assert sum(forward_batches) < 5 * n_blocks, forward_batches
+
+    # Every sample dropped at every add: one sample still runs through each mixer and all parameters get gradients.
+    for m in model.modules():
+        if isinstance(m, dis.DropPath):
+            m.p = 0.999999
+    out2, g2, _, batches2 = run(True)
+    assert batches2[len(model.in_blocks):n_blocks] == [1] * (n_blocks - len(model.in_blocks))
+    assert all(g is not None for g in g2.values())
+    out3, g3, _, _ = run(False)
+    assert torch.allclose(out2, out3, atol=1e-6)
+    for h in hooks:
+        h.remove()
+
+
 # -- position tables across resolutions -----------------------------------------------------------------------------
 
 def _bilinear_reference(grid, new_h, new_w):

@@ -145,9 +145,12 @@ class RMSNorm(nn.Module):
 
 
 def add_rms_norm(hidden: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm, drop_path: DropPath | None = None,
-                 residual_in_fp32: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                 residual_in_fp32: bool = True, scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """mamba-ssm's "Add -> RMSNorm": residual = hidden if residual is None else residual + drop_path(hidden), in
     float32 when ``residual_in_fp32``; returns (norm(residual) in hidden's dtype, residual).
+
+    ``scale`` (batch,) float32, when given, is the per-sample factor drawn beforehand (``DropPath.sample_scale``) and
+    replaces ``drop_path``: residual + scale[sample] * hidden.
 
     On CPU with the compiled kernels, when the new residual is float32 and hidden is float32 or bfloat16, this is
     one pass over the rows forward and one backward (``add_rms_norm_cpu``). The composite made about ten passes
@@ -161,16 +164,21 @@ def add_rms_norm(hidden: torch.Tensor, residual: torch.Tensor | None, norm: RMSN
             and (residual is None or (residual.dtype == torch.float32 and residual.shape == hidden.shape))
             and (residual_in_fp32 or hidden.dtype == torch.float32 or residual is not None)  # a float32 result
             and _scan_cpu.available()):
-        scale = None if residual is None or drop_path is None else drop_path.sample_scale(hidden)
-        return _scan_cpu.add_rms_norm_cpu(hidden, residual, norm.weight, norm.eps, scale)
-    return add_rms_norm_composite(hidden, residual, norm, drop_path, residual_in_fp32)
+        if scale is None and residual is not None and drop_path is not None:
+            scale = drop_path.sample_scale(hidden)
+        return _scan_cpu.add_rms_norm_cpu(hidden, residual, norm.weight, norm.eps,
+                                          None if residual is None else scale)
+    return add_rms_norm_composite(hidden, residual, norm, drop_path, residual_in_fp32, scale)
 
 
 def add_rms_norm_composite(hidden: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm,
-                           drop_path: DropPath | None = None, residual_in_fp32: bool = True):
+                           drop_path: DropPath | None = None, residual_in_fp32: bool = True,
+                           scale: torch.Tensor | None = None):
     """``add_rms_norm`` written with PyTorch ops: its path off the CPU kernel, and its reference."""
     if residual is None:
         residual = hidden
+    elif scale is not None:
+        residual = residual + hidden * scale.view((-1,) + (1,) * (hidden.dim() - 1))
     else:
         residual = residual + (hidden if drop_path is None else drop_path(hidden))
     if residual_in_fp32:
@@ -210,7 +218,8 @@ class DropPath(nn.Module):
 
     def sample_scale(self, x: torch.Tensor) -> torch.Tensor | None:
         """The per-sample factor forward(x) would apply, (batch,) float32 (0 or 1/keep), or None where forward is
-        the identity. Draws the same random numbers as forward(x)."""
+        the identity. Draws the same random numbers as forward(x); only x's batch size, dtype and device matter, so
+        a caller can draw the factor before x exists from any tensor that shares them."""
         if not self.active or not self.training:
             return None
         mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(self.keep.to(x.dtype))
