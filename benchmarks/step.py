@@ -3,6 +3,7 @@ CPU and inflates the compiled kernels' share), and what AdamW's per-tensor loop 
 
     python benchmarks/step.py                                    # DiS-S/2, 1024 tokens, batch 4, fp32
     python benchmarks/step.py --model DiS-S/2 --tokens 4096 --batch 1 --dtype bf16
+    python benchmarks/step.py --dtype bf16 --toggle ssmdiff.models.dis.SKIP_DROPPED_SAMPLES --steps 8
 
 Step: the model is built as ``ssmdiff bench`` builds it (allocator tuned, fused AdamW), warmed up, then one step is
 timed plain and one under a TorchDispatchMode that takes the wall time of every op at the dispatch level, where each
@@ -12,12 +13,20 @@ shapes) and the top ones printed with their share of the plain step.
 
 Optimizer: one AdamW step over the model's parameters with random gradients, the default per-tensor loop against
 ``fused=True``, best of --repeats.
+
+Toggle (``--toggle MODULE.SWITCH``): an in-process A/B of one of ssmdiff's module-level on/off switches (such as
+``ssmdiff.models.dis.SKIP_DROPPED_SAMPLES`` or ``ssmdiff.ssm.modules.mamba.FUSED_DIRECTION``). Steps alternate
+between the two settings (on/off, then off/on), each pair from the same seed, so both see the same random draws
+(stochastic depth, label dropout); it prints each setting's median, mean and fastest step and the ratios off / on
+(above 1: the switch on is faster), instead of the op breakdown.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import importlib
+import statistics
 import time
 
 import torch
@@ -69,6 +78,42 @@ def step_breakdown(name: str, tokens: int, batch: int, dtype: str, warmup: int =
     return plain, timed, {k: (v[0], v[1]) for k, v in mode.times.items()}
 
 
+def resolve_switch(spec: str):
+    """``"package.module.NAME"`` -> (module, NAME) for a module-level bool; ValueError with the reason otherwise."""
+    module_name, _, attr = spec.rpartition(".")
+    if not module_name or not attr:
+        raise ValueError(f"--toggle takes MODULE.SWITCH, e.g. ssmdiff.models.dis.SKIP_DROPPED_SAMPLES; got {spec!r}")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ValueError(f"--toggle {spec}: cannot import {module_name}: {e}") from None
+    if not isinstance(getattr(module, attr, None), bool):
+        raise ValueError(f"--toggle {spec}: {module_name} has no on/off switch {attr}")
+    return module, attr
+
+
+def toggle_steps(name: str, tokens: int, batch: int, dtype: str, switch: str, steps: int = 6, warmup: int = 1,
+                 num_classes: int = 1000, overrides: dict | None = None) -> dict:
+    """{True: [step seconds], False: [...]}: training steps alternating the module-level switch ``switch`` (on/off,
+    then off/on), the two steps of a pair from one seed. The switch is restored afterwards."""
+    module, attr = resolve_switch(switch)
+    before = getattr(module, attr)
+    step, _ = cpu_training_step(name, tokens, dtype, batch=batch, num_classes=num_classes, overrides=overrides)
+    times = {True: [], False: []}
+    try:
+        for i in range(-warmup, steps):
+            for value in ((True, False) if i % 2 == 0 else (False, True)):
+                setattr(module, attr, value)
+                torch.manual_seed(1000 + i)
+                t0 = time.perf_counter()
+                step()
+                if i >= 0:
+                    times[value].append(time.perf_counter() - t0)
+    finally:
+        setattr(module, attr, before)
+    return times
+
+
 def optimizer_step_ms(name: str, tokens: int, repeats: int = 5, overrides: dict | None = None) -> dict:
     """Best milliseconds of one AdamW step over the model's parameters: per-tensor loop and fused."""
     model = create_model(name, input_size=input_size_for(name, tokens), in_channels=4, num_classes=1000,
@@ -98,16 +143,37 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     p.add_argument("--top", type=int, default=15, help="ops to print")
     p.add_argument("--repeats", type=int, default=5, help="optimizer steps timed per variant")
+    p.add_argument("--toggle", metavar="MODULE.SWITCH", default=None,
+                   help="instead of the breakdown, alternate steps with this module-level switch on and off, e.g. "
+                   "ssmdiff.models.dis.SKIP_DROPPED_SAMPLES or ssmdiff.ssm.modules.mamba.FUSED_DIRECTION")
+    p.add_argument("--steps", type=int, default=6, help="with --toggle: timed steps per setting")
     args = p.parse_args(argv)
-    if args.tokens <= 0 or args.top <= 0 or args.repeats <= 0 or (args.batch is not None and args.batch <= 0):
-        p.error("--tokens, --batch, --top and --repeats must be positive")
+    if (args.tokens <= 0 or args.top <= 0 or args.repeats <= 0 or args.steps <= 0
+            or (args.batch is not None and args.batch <= 0)):
+        p.error("--tokens, --batch, --top, --repeats and --steps must be positive")
     try:
         name, overrides = parse_model_spec(args.model)
         input_size_for(name, args.tokens)
+        if args.toggle is not None:
+            resolve_switch(args.toggle)
     except ValueError as e:
         p.error(str(e))
     tune_cpu_allocator()
     batch = args.batch or default_batch(args.tokens)
+    if args.toggle is not None:
+        times = toggle_steps(name, args.tokens, batch, args.dtype, args.toggle, args.steps, overrides=overrides)
+        print(f"{args.model}, {args.tokens} tokens, batch {batch}, {args.dtype}: {args.steps} training steps per "
+              f"setting of {args.toggle}, alternated")
+        stats = {}
+        for value in (True, False):
+            ts = times[value]
+            stats[value] = (statistics.median(ts), statistics.mean(ts), min(ts))
+            print(f"  {'on ' if value else 'off'}  median {stats[value][0]:.3f} s  mean {stats[value][1]:.3f} s  "
+                  f"fastest {stats[value][2]:.3f} s  ({' '.join(f'{t:.3f}' for t in ts)})")
+        on, off = stats[True], stats[False]
+        print(f"  off / on: median {off[0] / on[0]:.4f}  mean {off[1] / on[1]:.4f}  fastest {off[2] / on[2]:.4f}"
+              " (above 1: faster with the switch on)")
+        return 0
     plain, timed, ops = step_breakdown(name, args.tokens, batch, args.dtype, overrides=overrides)
     print(f"{args.model}, {args.tokens} tokens, batch {batch}, {args.dtype}: training step {plain:.2f} s "
           f"({timed:.2f} s under the op timer, {sum(s for _, s in ops.values()):.2f} s inside ops)")

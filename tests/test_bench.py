@@ -245,3 +245,19 @@ def test_step_breakdown_benchmark(capsys):
         mod.main(["--tokens", "15"])
     with pytest.raises(SystemExit):
         mod.main(["--model", "DiS-T/2:mixer"])
+    # --toggle: steps alternate a module-level switch; each setting's times and the ratios; the switch is restored.
+    import ssmdiff.models.dis as dis
+
+    times = mod.toggle_steps("DiS-T/2", 16, 2, "fp32", "ssmdiff.models.dis.SKIP_DROPPED_SAMPLES", steps=2,
+                             warmup=0, num_classes=10)
+    assert len(times[True]) == len(times[False]) == 2 and min(times[True] + times[False]) > 0
+    assert dis.SKIP_DROPPED_SAMPLES is True
+    assert mod.main(["--model", "DiS-T/2", "--tokens", "16", "--batch", "2", "--steps", "1",
+                     "--toggle", "ssmdiff.ssm.modules.mamba.FUSED_DIRECTION"]) == 0
+    out = capsys.readouterr().out
+    assert "off / on: median" in out and "AdamW" not in out
+    for bad in ("SKIP_DROPPED_SAMPLES", "ssmdiff.models.nope.X", "ssmdiff.models.dis.DiS", "ssmdiff.models.dis.nope"):
+        with pytest.raises(SystemExit):
+            mod.main(["--tokens", "16", "--toggle", bad])
+    err = capsys.readouterr().err
+    assert "no on/off switch nope" in err and "cannot import ssmdiff.models.nope" in err
