@@ -36,6 +36,14 @@ SCRIPT = textwrap.dedent(
     run(os.path.join(root, "fsdp"), steps=4, ckpt_every=2, fsdp=True)
     run(os.path.join(root, "fsdp_resumed"), steps=4, ckpt_every=2, stop_at=2, fsdp=True)
     run(os.path.join(root, "fsdp_resumed"), steps=4, ckpt_every=2, resume=True, fsdp=True)
+    # DiS with heavy stochastic depth: its blocks run their mixers on the kept samples only (on each rank its own),
+    # and a block whose samples are all dropped still gives every parameter a gradient, as DDP requires.
+    from ssmdiff.models import create_model
+    torch.manual_seed(0)
+    dis = create_model("DiS-T/2", input_size=4, in_channels=1, num_classes=3, drop_path_rate=0.9,
+                       learn_sigma=False)
+    train(tiny_config(os.path.join(root, "ddp_dis"), steps=2, ckpt_every=2), model=dis,
+          objective=GaussianDiffusion(steps=100), dataset=TensorImages())
     rank = du.current().rank
     with open(os.path.join(root, f"params_rank{{rank}}.json"), "w") as f:
         json.dump({{"straight": [p.detach().flatten().tolist() for p in m_straight.parameters()],
@@ -72,6 +80,8 @@ def test_two_processes_match_one(tmp_path):
     for s, loss in ddp:
         assert loss == pytest.approx(ref[s], rel=1e-5, abs=1e-6), (s, loss, ref[s])
     assert sorted(os.listdir(tmp_path / "ddp" / "checkpoints")) == ["latest", "step_0000002", "step_0000004"]
+
+    assert [s for s, _ in _losses(tmp_path / "ddp_dis")] == [1, 2]
 
     # resumed 2-process run repeats the uninterrupted one
     resumed = _losses(tmp_path / "ddp_resumed")

@@ -106,6 +106,27 @@ def test_drop_path_sample_scale_draws_what_forward_draws():
     assert dp.eval().sample_scale(x) is None and DropPath(0.0).train().sample_scale(x) is None
 
 
+@pytest.mark.parametrize("path", ["dispatch", "composite"])
+def test_add_rms_norm_takes_factors_drawn_beforehand(path):
+    """``scale=`` (factors drawn beforehand, as DiS's drop plan does) replaces the DropPath's own draw on either
+    path: the result is the float64 composite with those factors, and no random number is drawn."""
+    if path == "dispatch" and not _scan_cpu.available():
+        pytest.skip("the compiled CPU kernel cannot be built here")
+    torch.manual_seed(0)
+    h, res = torch.randn(3, 20, 48), torch.randn(3, 20, 48)
+    norm = RMSNorm(48)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    scale = torch.tensor([0.0, 1.25, 1.25])
+    fn = add_rms_norm if path == "dispatch" else add_rms_norm_composite
+    state = torch.get_rng_state()
+    normed, residual = fn(h, res, norm, DropPath(0.2).train(), True, scale=scale)
+    assert torch.equal(torch.get_rng_state(), state)
+    ref_n, ref_x = _composite64(h, res, norm.weight, norm.eps, scale)
+    torch.testing.assert_close(residual.double(), ref_x, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(normed.double(), ref_n, rtol=1e-5, atol=1e-5)
+
+
 @needs_kernel
 def test_add_rms_norm_kernel_rejects_mismatched_shapes_and_takes_other_dtypes():
     """The kernel reads raw buffers, so shapes are checked before it runs: a norm of the wrong width, a residual of

@@ -101,6 +101,15 @@ class DiSBlock(nn.Module):
         normed, residual = add_rms_norm(hidden, residual, self.norm, self.drop_path, self.residual_in_fp32, scale)
         if keep is None:
             return self.mixer(normed), residual
+        if keep.numel() == 0:
+            # Every sample dropped: no mixer pass. The mixer's parameters and the norm's output still join the graph
+            # with zero gradients, as they did when the dropped output was multiplied by zero (DDP expects every
+            # parameter to get a gradient).
+            anchor = normed.sum() * 0
+            for p in self.mixer.parameters():
+                if p.requires_grad:
+                    anchor = anchor + p.sum() * 0
+            return torch.zeros_like(normed) + anchor.to(normed.dtype), residual
         out = self.mixer(normed.index_select(0, keep))
         return out.new_zeros((normed.shape[0],) + out.shape[1:]).index_copy(0, keep, out), residual
 
@@ -195,8 +204,9 @@ class DiS(SSMDiffModelMixin):
 
     def _drop_plan(self, h: torch.Tensor):
         """Stochastic depth drawn up front, from the first block's output ``h``: (scales, keeps), one entry per
-        block and a last one for the final norm, or (None, None) where the plan does not apply (then each add
-        draws its own factors, as the composite path and torch.compile need).
+        block and a last one for the final norm, or (None, None) where the plan does not apply and each add draws
+        its own factors: off the CPU (the keep lists would make the host wait for the device every step) and under
+        torch.compile (batch sizes that depend on the draws would break the graph).
 
         Each add draws from the same generator, in the same order and with the same dtype as it would itself (no
         other op in the stack draws random numbers), so the factors are the ones the adds would have drawn. The
@@ -218,10 +228,8 @@ class DiS(SSMDiffModelMixin):
             if consumer is None:
                 continue
             kept = consumer.nonzero().flatten()
-            if kept.numel() == consumer.numel():
-                continue
-            # All dropped: still run one sample, so every parameter stays in the graph (DDP expects gradients).
-            keeps[k] = kept if kept.numel() else kept.new_zeros(1)
+            if kept.numel() < consumer.numel():
+                keeps[k] = kept  # empty: no mixer pass at all
         return scales, keeps
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
