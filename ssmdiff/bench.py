@@ -39,7 +39,9 @@ tensor-sized buffer is mmapped and unmapped when freed and resident memory follo
 measured block the heap is trimmed again, the kernel's peak-RSS counter is reset (/proc/self/clear_refs) and one
 more step runs (a training step, then a sampling forward). ``*_extra_mb`` is VmHWM minus VmRSS just
 before that step (activations, gradients and temporaries); ``*_peak_mb`` is VmHWM minus the process's RSS before
-the model was built (weights and AdamW state included). CUDA: ``torch.cuda.max_memory_allocated`` in the same two
+the model was built (weights and AdamW state included). Where a model's batch changes with tokens, a memory
+probe (one more training step, memory only) measures it at the smallest batch too, so that memory is compared
+across token counts at one batch size. CUDA: ``torch.cuda.max_memory_allocated`` in the same two
 flavours. Without subprocesses (``isolate=False``, used by the tests) the same counters are read in-process.
 
 Out of time: every phase gets ``budget_s`` seconds of timed repeats (at least one after the warm-up); a
@@ -390,6 +392,16 @@ def measure_config(cfg: dict) -> dict:
 
     row = {"cpu_allocator": cpu_allocator_state()}
     model.train()
+    if cfg.get("memory_only"):
+        # A memory probe (see ``run_model_benchmark``): one step to create AdamW's state and warm the allocator, as
+        # the timed steps do before the full measurement, then the measured training step.
+        train_step()
+        if device.type == "cpu" and cfg.get("pin_malloc", False):
+            row["malloc_pinned"] = _pin_malloc()
+        with _PeakMemory(device, floor_kb) as mem:
+            train_step()
+        row["train_extra_mb"], row["train_peak_mb"] = mem.extra_mb, mem.peak_mb
+        return row
     row["train"] = _time_phase(train_step, device, cfg["warmup"], cfg["repeats"], cfg["budget_s"])
     row["mixer_len"] = max(lengths) if lengths else None
     model.eval()
@@ -458,7 +470,7 @@ def run_model_benchmark(models=DEFAULT_MODELS, tokens=DEFAULT_TOKENS, dtypes=DTY
                         device: str = "cpu", num_classes: int = 1000, warmup: int = 1, repeats: int = 3,
                         budget_s: float = DEFAULT_BUDGET_S, threads: int | None = None, isolate: bool = True,
                         add_baselines: bool = True, matmul_seconds: float = 2.0, rounds: int = 1,
-                        compile: bool = False, progress=print) -> dict:
+                        compile: bool = False, memory_probes: bool = True, progress=print) -> dict:
     """Run the benchmark grid; returns {"rows": [...], "matmul_flops": {...}, "bars": {...}, "environment": {...}}.
 
     models: names or specs ("DiS-S/2:mixer=mamba2"); each state-space model's DiT pair is added when missing
@@ -471,7 +483,10 @@ def run_model_benchmark(models=DEFAULT_MODELS, tokens=DEFAULT_TOKENS, dtypes=DTY
     step and reports the fastest (see ``_derive``). compile: every model, DiT included, runs through torch.compile
     (compiled in the untimed warm-up; needs warmup >= 1); a spec's ``compile=true`` does this for that configuration
     alone. Each row has status "ok", "skipped" or "failed" (with "reason"); ratios against the paired DiT are filled
-    in by ``compute_ratios``.
+    in by ``compute_ratios``. memory_probes: where a state-space model's rows use different batches at different
+    token counts (the default grid: 4 images at 1024 tokens, 1 at 4096), one more training step is measured for
+    memory alone at the smallest of those batches for each row that used a larger one (``row["memory_probe"]``),
+    so that the memory bar compares token counts at one batch size (``check_bars``).
     """
     import torch
 
@@ -581,6 +596,8 @@ def run_model_benchmark(models=DEFAULT_MODELS, tokens=DEFAULT_TOKENS, dtypes=DTY
                     measured.append([row, cfg, result])
                 rows.append(row)
                 progress(_row_line(row))
+    if memory_probes:
+        _probe_memory(rows, measured, measure, progress)
     for r in range(1, rounds):
         progress(f"round {r + 1} of {rounds}")
         for item in measured:
@@ -597,6 +614,34 @@ def run_model_benchmark(models=DEFAULT_MODELS, tokens=DEFAULT_TOKENS, dtypes=DTY
             "settings": {"num_classes": num_classes, "warmup": warmup, "repeats": repeats, "rounds": rounds,
                          "budget_s": budget_s,
                          "isolate": isolate, "batch": batch or f"{TOKENS_PER_BATCH} // tokens"}}
+
+
+def _probe_memory(rows: list[dict], measured: list, measure, progress) -> None:
+    """For each state-space model and dtype measured at several token counts with different batches, the training
+    memory of every such row at the smallest batch among them: ``row["memory_probe"] = {"batch", "train_extra_mb",
+    "train_peak_mb"}`` (or {"batch", "status", "reason"} when the probe failed)."""
+    groups: dict = {}
+    for row, cfg, _ in measured:
+        if row["family"] != "DiT":
+            groups.setdefault((row["model"], row["dtype"]), []).append((row, cfg))
+    for items in groups.values():
+        batches = {row["batch"] for row, _ in items}
+        if len({row["tokens"] for row, _ in items}) < 2 or len(batches) < 2:
+            continue
+        small = min(batches)
+        for row, cfg in items:
+            if row["batch"] == small:
+                continue
+            result = measure(dict(cfg, batch=small, memory_only=True))
+            if "status" in result:
+                row["memory_probe"] = {"batch": small, "status": result["status"], "reason": result.get("reason")}
+                progress(f"{row['model']} {row['tokens']} tok b{small} {row['dtype']}: memory probe "
+                         f"{result['status']} ({result.get('reason')})")
+                continue
+            row["memory_probe"] = {"batch": small, "train_extra_mb": result["train_extra_mb"],
+                                   "train_peak_mb": result["train_peak_mb"]}
+            progress(f"{row['model']:<22} {row['tokens']:5d} tok  b{small:<3d} {row['dtype']:<5} memory probe: "
+                     f"train extra {_fmt(result['train_extra_mb'], '.0f')} MB")
 
 
 def _merge_rounds(a: dict, b: dict) -> dict:
@@ -664,8 +709,8 @@ def check_bars(rows: list[dict]) -> dict:
     as fast at 4096. Each bar records both configurations and the Gflops ratio SSM / DiT at those tokens, so a reader
     sees whether the state-space model did more or less arithmetic than the DiT it was compared with.
     memory: training extra peak memory of each state-space model grows at most linearly with tokens (allowing 25%
-    for allocator slack), judged at one batch size when rows of one batch exist at two or more token counts, else
-    per image (extra_mb / batch; "basis" says which). mfu: DiS-B/2 bf16 at 1024 tokens trains at >= 25% MFU.
+    for allocator slack), judged at one batch size when rows or memory probes (``row["memory_probe"]``) of one batch
+    exist at two or more token counts, else per image (extra_mb / batch; "basis" says which). mfu: DiS-B/2 bf16 at 1024 tokens trains at >= 25% MFU.
     """
     ok = [r for r in rows if r.get("status") == "ok"]
     bars = {}
@@ -692,6 +737,9 @@ def check_bars(rows: list[dict]) -> dict:
             by_batch: dict = {}
             for r in mine:
                 by_batch.setdefault(r["batch"], {})[r["tokens"]] = r["train_extra_mb"]
+                probe = r.get("memory_probe") or {}
+                if probe.get("train_extra_mb"):
+                    by_batch.setdefault(probe["batch"], {}).setdefault(r["tokens"], probe["train_extra_mb"])
             same = max(by_batch.items(), key=lambda kv: (len(kv[1]), -kv[0]), default=(None, {}))
             if len(same[1]) >= 2:
                 # Same batch at several lengths: the claim itself (memory vs sequence length, batch fixed).
@@ -992,6 +1040,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds per dtype for the matmul-rate loop (default 2; --quick 1)")
     p.add_argument("--compile", action="store_true",
                    help="run every model (DiT included) through torch.compile; compiled in the untimed warm-up")
+    p.add_argument("--no-memory-probes", action="store_true",
+                   help="skip the extra memory-only training steps that let the memory bar compare token counts at "
+                        "one batch size where the grid's batch changes with tokens")
     p.add_argument("--no-isolate", action="store_true",
                    help="measure in this process instead of one subprocess per configuration (peak memory less exact)")
     p.add_argument("--quick", action="store_true",
@@ -1024,6 +1075,7 @@ def main(argv=None) -> int:
                                      num_classes=args.num_classes, warmup=args.warmup, repeats=repeats,
                                      budget_s=budget, threads=args.threads, isolate=not args.no_isolate,
                                      rounds=args.rounds, compile=args.compile,
+                                     memory_probes=not args.no_memory_probes,
                                      matmul_seconds=args.matmul_seconds or (1.0 if args.quick else 2.0))
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)

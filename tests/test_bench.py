@@ -102,6 +102,17 @@ def test_bars_from_rows():
             _row("DiffuSSM-S", 256, "fp32", 1, 1, 3.5, 400.0, batch=16)]
     mem = bench.check_bars(same)["DiffuSSM-S fp32 memory linear in tokens"]
     assert mem["basis"] == "batch 1" and mem["growth_vs_linear"] == pytest.approx(1.05) and mem["met"]
+    # The grid's batch shrinks as tokens grow (4 at 1024, 1 at 4096): per image, a part that does not grow with the
+    # batch reads superlinear; a memory probe at batch 1 puts both token counts on one batch.
+    grid = [_row("DiffuSSM-S", 1024, "fp32", 1, 1, 14.0, 400.0, batch=4),
+            _row("DiffuSSM-S", 4096, "fp32", 1, 1, 57.0, 600.0, batch=1)]
+    mem = bench.check_bars(grid)["DiffuSSM-S fp32 memory linear in tokens"]
+    assert mem["basis"] == "per image" and mem["growth_vs_linear"] == pytest.approx(1.5) and not mem["met"]
+    grid[0]["memory_probe"] = {"batch": 1, "train_extra_mb": 200.0, "train_peak_mb": 300.0}
+    mem = bench.check_bars(grid)["DiffuSSM-S fp32 memory linear in tokens"]
+    assert mem["basis"] == "batch 1" and mem["growth_vs_linear"] == pytest.approx(0.75) and mem["met"]
+    grid[0]["memory_probe"] = {"batch": 1, "status": "failed", "reason": "out of memory"}  # a failed probe: per image
+    assert bench.check_bars(grid)["DiffuSSM-S fp32 memory linear in tokens"]["basis"] == "per image"
     ratios = bench.compute_ratios([dict(r) for r in rows])
     dis = next(r for r in ratios if r["model"] == "DiS-S/2" and r["tokens"] == 4096)
     assert dis["train_speed_ratio"] == pytest.approx(1.5)
@@ -199,6 +210,33 @@ def test_rounds_keep_every_step_and_report_the_fastest(tmp_path):
     assert result["settings"]["rounds"] == 2
     with pytest.raises(ValueError, match="rounds"):
         bench.run_model_benchmark(["DiT-T/2"], [16], ["fp32"], rounds=0, isolate=False)
+
+
+def test_memory_probes_measure_larger_batches_again_at_the_smallest():
+    """Rows of a state-space model at token counts with different batches get a memory-only step at the smallest
+    batch (DiT rows and rows already at that batch do not), and the memory bar is judged on that batch."""
+    lines = []
+    result = bench.run_model_benchmark(["DiS-T/2"], [16, 64], ["fp32"], num_classes=10, warmup=0, repeats=1,
+                                       budget_s=5, isolate=False, matmul_seconds=0.1, progress=lines.append)
+    rows = {(r["model"], r["tokens"]): r for r in result["rows"]}
+    small, large = rows[("DiS-T/2", 16)], rows[("DiS-T/2", 64)]
+    assert (small["batch"], large["batch"]) == (16, 16)  # the default batch: no probe needed
+    assert "memory_probe" not in small and "memory_probe" not in large
+    result = bench.run_model_benchmark(["DiS-T/2"], [256, 1024], ["fp32"], num_classes=10, warmup=0, repeats=1,
+                                       budget_s=5, isolate=False, matmul_seconds=0.1, progress=lines.append)
+    rows = {(r["model"], r["tokens"]): r for r in result["rows"]}
+    small, large = rows[("DiS-T/2", 256)], rows[("DiS-T/2", 1024)]
+    assert (small["batch"], large["batch"]) == (16, 4)
+    probe = small["memory_probe"]
+    assert probe["batch"] == 4 and probe["train_extra_mb"] > 0 and "memory_probe" not in large
+    assert not any("memory_probe" in r for r in result["rows"] if r["family"] == "DiT")
+    assert any("memory probe: train extra" in line for line in lines)
+    assert result["bars"]["DiS-T/2 fp32 memory linear in tokens"]["basis"] == "batch 4"
+    off = bench.run_model_benchmark(["DiS-T/2"], [256, 1024], ["fp32"], num_classes=10, warmup=0, repeats=1,
+                                    budget_s=5, isolate=False, matmul_seconds=0.1, memory_probes=False,
+                                    progress=lambda *_: None)
+    assert not any("memory_probe" in r for r in off["rows"])
+    assert bench.build_parser().parse_args(["--no-memory-probes"]).no_memory_probes is True
 
 
 def test_table_warns_when_mfu_exceeds_100_percent(tiny_run):
