@@ -299,3 +299,30 @@ def test_step_breakdown_benchmark(capsys):
             mod.main(["--tokens", "16", "--toggle", bad])
     err = capsys.readouterr().err
     assert "no on/off switch nope" in err and "cannot import ssmdiff.models.nope" in err
+
+
+def test_gpu_check_dry_run_on_cpu(tmp_path, capsys):
+    """benchmarks/gpu_check.py: its stages run end to end on tiny models (--device cpu --quick) and write one JSON
+    report with the DiM bar against the third-party figure; asking for CUDA where there is none is one clear error."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_check.py"
+    spec = importlib.util.spec_from_file_location("gpu_check", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["--device", "cpu", "--quick", "--stages", "env", "dim-h", "grid", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    stages = report["stages"]
+    assert set(stages) == {"env", "dim-h", "grid"} and all(s["status"] == "ok" for s in stages.values())
+    assert stages["env"]["result"]["scan_backend"] in ("cpu", "torch")
+    bar = stages["dim-h"]["result"]["bar"]
+    assert bar["model"] == "DiM-T/2" and bar["third_party_ips"] == 25.1 and bar["fp32_sample_ips"] > 0
+    assert set(stages["dim-h"]["result"]["rows"]) == {"DiT-T/2 fp32", "DiT-T/2 bf16", "DiM-T/2 fp32", "DiM-T/2 bf16"}
+    assert (tmp_path / "dim_h" / "models.json").exists() and (tmp_path / "grid" / "models.json").exists()
+    assert "DiM-H bar: DiM-T/2 samples" in capsys.readouterr().out
+    import torch
+
+    if not torch.cuda.is_available():
+        assert mod.main(["--out", str(tmp_path)]) == 2
+        assert "CUDA is not available" in capsys.readouterr().err

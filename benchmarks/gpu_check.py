@@ -1,0 +1,182 @@
+"""Issue 6's GPU checks in one run, sized for a short loan of a GPU machine (the project's `device` tool lends one
+to some sessions for 15 minutes in all, machine start included).
+
+    python benchmarks/gpu_check.py --fetch-wheels .whl      # here, with network: wheels the GPU image lacks
+    python benchmarks/gpu_check.py --out "$OUT"             # there (see "On the device machine" below)
+
+Stages, each under its own time limit so that the whole run stays inside one command's limit with time left for a
+rerun; a stage that fails or runs out of time is recorded and the next one still runs:
+  env      torch and CUDA versions, the GPU, whether mamba-ssm and causal-conv1d import, and the selective-scan
+           backend ``resolve_backend`` picks on the GPU ("cuda": mamba-ssm's kernels; "torch": the PyTorch form).
+  tests    the tests marked ``cuda`` (``pytest -m cuda``), which skip on machines without a GPU.
+  dim-h    DiM-H/2 and DiT-XL/2 at 256 tokens (256 px images, 32 x 32 x 4 latents), batch 64, fp32 (PyTorch's
+           default: no TF32 in matrix products) and bf16: ``ssmdiff bench``'s training and sampling images/s. The
+           bar: DiM-H/2 samples faster than the third-party 25.1 img/s (A100, fp32, batch 64; DiT-XL/2 76.9) of
+           REFERENCE.md. One sampling step here is one forward pass of the batch, as in that figure.
+  grid     the S pairs (DiS-S/2, DiM-S/2, DiffuSSM-S against DiT-S/2) at 1024 and 4096 tokens in bf16.
+It prints a summary and writes gpu_check.json (and each benchmark's models.json / models.png) under --out.
+
+On the device machine: its image has PyTorch with CUDA but neither diffusers (an ssmdiff dependency) nor mamba-ssm,
+and it reaches no package index. Fetch the pure-Python wheels here first (--fetch-wheels; the folder must be
+ignored by git, e.g. listed in .git/info/exclude), carry that folder, and start the command with
+``python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD``.
+mamba-ssm ships as source and compiles for many minutes, longer than a loan allows; without it the GPU path runs
+the PyTorch scan (the env stage says which).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+# What the GPU image lacks that ssmdiff imports: diffusers and the backport it requires on every Python.
+WHEELS = ("diffusers", "importlib_metadata", "zipp")
+THIRD_PARTY_DIM_H_IPS = 25.1  # REFERENCE.md: DiM-H at 256 px, A100, fp32, batch 64
+STAGES = ("env", "tests", "dim-h", "grid")
+
+
+def fetch_wheels(folder: Path) -> int:
+    """Download the wheels of WHEELS (this environment's versions where installed) into ``folder``."""
+    from importlib import metadata
+
+    folder.mkdir(parents=True, exist_ok=True)
+    specs = []
+    for name in WHEELS:
+        try:
+            specs.append(f"{name}=={metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            specs.append(name)
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-d", str(folder), *specs]
+    print(" ".join(cmd))
+    return subprocess.call(cmd)
+
+
+def stage_env(device: str) -> dict:
+    import importlib.util
+
+    import torch
+
+    from ssmdiff.ssm.ops.selective_scan import resolve_backend
+
+    info = {"torch": torch.__version__, "cuda": torch.version.cuda, "cuda_available": torch.cuda.is_available(),
+            "mamba_ssm": importlib.util.find_spec("mamba_ssm") is not None,
+            "causal_conv1d": importlib.util.find_spec("causal_conv1d") is not None,
+            "scan_backend": resolve_backend(torch.device(device)), "python": sys.version.split()[0]}
+    if device.startswith("cuda") and torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(torch.device(device))
+        info.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1),
+                    multiprocessors=props.multi_processor_count)
+    return info
+
+
+def stage_tests(timeout_s: float) -> dict:
+    cmd = [sys.executable, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider", str(ROOT / "tests")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, cwd=ROOT)
+    lines = (proc.stdout + proc.stderr).strip().splitlines()
+    return {"returncode": proc.returncode, "summary": lines[-1] if lines else "", "tail": lines[-30:]}
+
+
+def _bench(models, tokens, dtypes, batch, device, quick: bool, budget_s, out: Path, progress) -> dict:
+    from ssmdiff.bench import format_table, plot_results, run_model_benchmark
+
+    # --quick measures in this process (no subprocess per configuration) with one step and a short matmul loop.
+    result = run_model_benchmark(models, tokens, dtypes, batch=batch, device=device, repeats=1 if quick else 5,
+                                 budget_s=budget_s, isolate=not quick, matmul_seconds=0.1 if quick else 2.0,
+                                 num_classes=10 if quick else 1000, progress=progress)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "models.json").write_text(json.dumps(result, indent=2))
+    plot_results(result, out / "models.png")
+    progress(format_table(result))
+    return result
+
+
+def stage_dim_h(device: str, out: Path, quick: bool, progress) -> dict:
+    models, tokens, batch = (["DiT-T/2", "DiM-T/2"], [16], 2) if quick else (["DiT-XL/2", "DiM-H/2"], [256], 64)
+    result = _bench(models, tokens, ["fp32", "bf16"], batch, device, quick, 10 if quick else 60, out / "dim_h",
+                    progress)
+    rows = [r for r in result["rows"] if r.get("status") == "ok"]
+    summary = {f"{r['model']} {r['dtype']}": {"sample_ips": r["sample_ips"], "train_ips": r["train_ips"],
+                                              "sample_peak_mb": r.get("sample_peak_mb")} for r in rows}
+    dim = [r for r in rows if r["family"] == "DiM" and r["dtype"] == "fp32"]
+    bar = None
+    if dim:
+        ips = dim[0]["sample_ips"]
+        bar = {"model": dim[0]["model"], "batch": dim[0]["batch"], "tokens": dim[0]["tokens"],
+               "fp32_sample_ips": ips, "third_party_ips": THIRD_PARTY_DIM_H_IPS,
+               "ratio": ips / THIRD_PARTY_DIM_H_IPS, "met": ips > THIRD_PARTY_DIM_H_IPS}
+    return {"rows": summary, "bar": bar,
+            "failed": [f"{r['model']} {r['dtype']}: {r.get('reason')}" for r in result["rows"]
+                       if r.get("status") != "ok"]}
+
+
+def stage_grid(device: str, out: Path, quick: bool, progress) -> dict:
+    models, tokens = (["DiS-T/2"], [16, 64]) if quick else (["DiS-S/2", "DiM-S/2", "DiffuSSM-S"], [1024, 4096])
+    result = _bench(models, tokens, ["bf16"], None, device, quick, 10 if quick else 30, out / "grid", progress)
+    return {"bars": result["bars"]}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, default=Path("gpu-check"), help="folder for gpu_check.json and the plots")
+    p.add_argument("--device", default="cuda", help="the device to check (cpu only makes sense with --quick)")
+    p.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES))
+    p.add_argument("--quick", action="store_true", help="tiny models and sizes: a dry run of the stages")
+    p.add_argument("--tests-timeout", type=float, default=150.0, help="seconds for the tests stage")
+    p.add_argument("--fetch-wheels", type=Path, metavar="DIR",
+                   help=f"download the wheels the GPU image lacks ({', '.join(WHEELS)}) into DIR and stop")
+    args = p.parse_args(argv)
+    if args.fetch_wheels is not None:
+        return fetch_wheels(args.fetch_wheels)
+
+    import torch
+
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        print("error: --device cuda but CUDA is not available here; the check is for a GPU machine "
+              "(--device cpu --quick dry-runs it)", file=sys.stderr)
+        return 2
+    args.out.mkdir(parents=True, exist_ok=True)
+    report: dict = {"device": args.device, "quick": args.quick, "stages": {}}
+
+    def progress(msg):
+        print(msg, flush=True)
+
+    runners = {
+        "env": lambda: stage_env(args.device),
+        "tests": lambda: stage_tests(args.tests_timeout),
+        "dim-h": lambda: stage_dim_h(args.device, args.out, args.quick, progress),
+        "grid": lambda: stage_grid(args.device, args.out, args.quick, progress),
+    }
+    for name in args.stages:
+        progress(f"== {name}")
+        t0 = time.perf_counter()
+        try:
+            entry = {"status": "ok", "result": runners[name]()}
+        except subprocess.TimeoutExpired as e:
+            entry = {"status": "timeout", "reason": f"over {e.timeout:.0f} s"}
+        except Exception as e:  # keep going: a later stage may still say something useful
+            entry = {"status": "failed", "reason": f"{type(e).__name__}: {e}"[:500]}
+        entry["seconds"] = round(time.perf_counter() - t0, 1)
+        report["stages"][name] = entry
+        progress(json.dumps(entry, indent=1, default=str)[:4000])
+        (args.out / "gpu_check.json").write_text(json.dumps(report, indent=2, default=str))
+    bar = report["stages"].get("dim-h", {}).get("result", {}) or {}
+    if bar.get("bar"):
+        b = bar["bar"]
+        progress(f"DiM-H bar: {b['model']} samples {b['fp32_sample_ips']:.1f} img/s in fp32 at {b['tokens']} tokens, "
+                 f"batch {b['batch']}, against {b['third_party_ips']} img/s (DiM-H, 256 tokens, batch 64, A100): "
+                 f"{'met' if b['met'] else 'NOT met'} ({b['ratio']:.2f}x)")
+    progress(f"wrote {args.out / 'gpu_check.json'}")
+    return 0 if all(s["status"] == "ok" for s in report["stages"].values()) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
