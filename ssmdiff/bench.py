@@ -710,7 +710,8 @@ def check_bars(rows: list[dict]) -> dict:
     sees whether the state-space model did more or less arithmetic than the DiT it was compared with.
     memory: training extra peak memory of each state-space model grows at most linearly with tokens (allowing 25%
     for allocator slack), judged at one batch size when rows or memory probes (``row["memory_probe"]``) of one batch
-    exist at two or more token counts, else per image (extra_mb / batch; "basis" says which). mfu: DiS-B/2 bf16 at 1024 tokens trains at >= 25% MFU.
+    exist at two or more token counts, else per image (extra_mb / batch; "basis" says which). mfu: DiS-B/2 bf16 at
+    1024 tokens trains at >= 25% MFU.
     """
     ok = [r for r in rows if r.get("status") == "ok"]
     bars = {}
