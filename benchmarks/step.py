@@ -52,7 +52,7 @@ class _OpTimes(TorchDispatchMode):
         out = func(*args, **(kwargs or {}))
         dt = time.perf_counter() - t0
         name = func.overloadpacket.__name__
-        if name in _PRODUCTS:
+        if name.rstrip("_") in _PRODUCTS:  # in-place forms too (baddbmm_)
             tensors = [a for a in args if isinstance(a, torch.Tensor)]
             name += " " + " x ".join(str(tuple(a.shape)) for a in tensors) + " " + str(tensors[-1].dtype)[6:]
         entry = self.times[name]
