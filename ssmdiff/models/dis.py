@@ -203,10 +203,11 @@ class DiS(SSMDiffModelMixin):
         self.grad_checkpointing = bool(enable)
 
     def _drop_plan(self, h: torch.Tensor):
-        """Stochastic depth drawn up front, from the first block's output ``h``: (scales, keeps), one entry per
-        block and a last one for the final norm, or (None, None) where the plan does not apply and each add draws
-        its own factors: off the CPU (the keep lists would make the host wait for the device every step) and under
-        torch.compile (batch sizes that depend on the draws would break the graph).
+        """Stochastic depth drawn up front, from the first block's output ``h``: (scales, keeps), ``scales`` one
+        factor per block and a last one for the final norm, ``keeps`` one entry per block. Both are all None where
+        the plan does not apply and each add draws its own factors: off the CPU (the keep lists would make the host
+        wait for the device every step) and under torch.compile (batch sizes that depend on the draws would break
+        the graph).
 
         Each add draws from the same generator, in the same order and with the same dtype as it would itself (no
         other op in the stack draws random numbers), so the factors are the ones the adds would have drawn. The
@@ -217,12 +218,12 @@ class DiS(SSMDiffModelMixin):
         """
         blocks = self.blocks()
         drops = [blk.drop_path for blk in blocks[1:]] + [self.final_drop_path]
+        keeps = [None] * len(blocks)
         if (not SKIP_DROPPED_SAMPLES or not self.training or h.device.type != "cpu"
                 or torch.compiler.is_compiling() or not any(dp.active for dp in drops)):
-            return None, None
+            return [None] * (len(blocks) + 1), keeps
         # scales[k] is block k's own factor (block 0 starts the residual and has none) or the final norm's.
         scales = [None] + [dp.sample_scale(h) for dp in drops]
-        keeps = [None] * len(blocks)
         for k in range(len(self.in_blocks), len(blocks)):
             consumer = scales[k + 1]
             if consumer is None:
@@ -248,19 +249,18 @@ class DiS(SSMDiffModelMixin):
         ckpt = self.grad_checkpointing and self.training
         residual = None
         skips = []
-        scales = keeps = None
+        # Block 0 starts the residual (no factor, every sample kept); the plan needs its output's dtype.
+        scales, keeps = [None], [None]
         for i, blk in enumerate(self.in_blocks):
-            plan = (None, None) if scales is None else (scales[i], keeps[i])
-            h, residual = maybe_checkpoint(ckpt, blk, h, residual, None, *plan)
+            h, residual = maybe_checkpoint(ckpt, blk, h, residual, None, scales[i], keeps[i])
             skips.append(h)
             if i == 0:
                 scales, keeps = self._drop_plan(h)
         half = len(self.in_blocks)
         for i, blk in enumerate([self.mid_block, *self.out_blocks], start=half):
-            plan = (None, None) if scales is None else (scales[i], keeps[i])
-            h, residual = maybe_checkpoint(ckpt, blk, h, residual, skips.pop() if i > half else None, *plan)
-        h, _ = add_rms_norm(h, residual, self.norm_f, self.final_drop_path, residual_in_fp32=False,
-                            scale=None if scales is None else scales[-1])
+            h, residual = maybe_checkpoint(ckpt, blk, h, residual, skips.pop() if i > half else None, scales[i],
+                                           keeps[i])
+        h, _ = add_rms_norm(h, residual, self.norm_f, self.final_drop_path, residual_in_fp32=False, scale=scales[-1])
 
         h = self.final_layer(h, cond if self.label_emb is not None else None)
         h = h[:, self.num_extra_tokens:]
