@@ -85,24 +85,24 @@ def stage_tests(timeout_s: float) -> dict:
     return {"returncode": proc.returncode, "summary": lines[-1] if lines else "", "tail": lines[-30:]}
 
 
-def _bench(models, tokens, dtypes, batch, device, quick: bool, budget_s, out: Path, progress) -> dict:
-    from ssmdiff.bench import format_table, plot_results, run_model_benchmark
+def _bench(models, tokens, dtypes, batch, device, quick: bool, budget_s, out: Path) -> dict:
+    """``ssmdiff bench`` with these settings, writing models.json / models.png under ``out``; its result."""
+    from ssmdiff.bench import main as bench_main
 
-    # --quick measures in this process (no subprocess per configuration) with one step and a short matmul loop.
-    result = run_model_benchmark(models, tokens, dtypes, batch=batch, device=device, repeats=1 if quick else 5,
-                                 budget_s=budget_s, isolate=not quick, matmul_seconds=0.1 if quick else 2.0,
-                                 num_classes=10 if quick else 1000, progress=progress)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "models.json").write_text(json.dumps(result, indent=2))
-    plot_results(result, out / "models.png")
-    progress(format_table(result))
-    return result
+    argv = ["--device", device, "--models", *models, "--tokens", *map(str, tokens), "--dtype", *dtypes,
+            "--repeats", "1" if quick else "5", "--budget", str(budget_s), "--out", str(out)]
+    if batch is not None:
+        argv += ["--batch", str(batch)]
+    if quick:  # in this process (no subprocess per configuration), a short matmul loop, 10 classes
+        argv += ["--no-isolate", "--matmul-seconds", "0.1", "--num-classes", "10"]
+    if bench_main(argv) != 0:
+        raise RuntimeError(f"ssmdiff bench {' '.join(argv)} failed")
+    return json.loads((out / "models.json").read_text())
 
 
-def stage_dim_h(device: str, out: Path, quick: bool, progress) -> dict:
+def stage_dim_h(device: str, out: Path, quick: bool) -> dict:
     models, tokens, batch = (["DiT-T/2", "DiM-T/2"], [16], 2) if quick else (["DiT-XL/2", "DiM-H/2"], [256], 64)
-    result = _bench(models, tokens, ["fp32", "bf16"], batch, device, quick, 10 if quick else 60, out / "dim_h",
-                    progress)
+    result = _bench(models, tokens, ["fp32", "bf16"], batch, device, quick, 10 if quick else 60, out / "dim_h")
     rows = [r for r in result["rows"] if r.get("status") == "ok"]
     summary = {f"{r['model']} {r['dtype']}": {"sample_ips": r["sample_ips"], "train_ips": r["train_ips"],
                                               "sample_peak_mb": r.get("sample_peak_mb")} for r in rows}
@@ -118,9 +118,9 @@ def stage_dim_h(device: str, out: Path, quick: bool, progress) -> dict:
                        if r.get("status") != "ok"]}
 
 
-def stage_grid(device: str, out: Path, quick: bool, progress) -> dict:
+def stage_grid(device: str, out: Path, quick: bool) -> dict:
     models, tokens = (["DiS-T/2"], [16, 64]) if quick else (["DiS-S/2", "DiM-S/2", "DiffuSSM-S"], [1024, 4096])
-    result = _bench(models, tokens, ["bf16"], None, device, quick, 10 if quick else 30, out / "grid", progress)
+    result = _bench(models, tokens, ["bf16"], None, device, quick, 10 if quick else 30, out / "grid")
     return {"bars": result["bars"]}
 
 
@@ -152,8 +152,8 @@ def main(argv=None) -> int:
     runners = {
         "env": lambda: stage_env(args.device),
         "tests": lambda: stage_tests(args.tests_timeout),
-        "dim-h": lambda: stage_dim_h(args.device, args.out, args.quick, progress),
-        "grid": lambda: stage_grid(args.device, args.out, args.quick, progress),
+        "dim-h": lambda: stage_dim_h(args.device, args.out, args.quick),
+        "grid": lambda: stage_grid(args.device, args.out, args.quick),
     }
     for name in args.stages:
         progress(f"== {name}")
