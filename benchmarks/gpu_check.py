@@ -6,9 +6,13 @@ to some sessions for 15 minutes in all, machine start included).
 
 Stages, each under its own time limit so that the whole run stays inside one command's limit with time left for a
 rerun; a stage that fails or runs out of time is recorded and the next one still runs:
-  env      torch and CUDA versions, the GPU, whether mamba-ssm and causal-conv1d import, and the selective-scan
-           backend ``resolve_backend`` picks on the GPU ("cuda": mamba-ssm's kernels; "torch": the PyTorch form).
+  env      torch and CUDA versions, the GPU, whether mamba-ssm, causal-conv1d and Triton import, and the
+           selective-scan backend ``resolve_backend`` picks on the GPU ("cuda": mamba-ssm's kernels; "triton": the
+           Triton kernels, once they pass their self-check; "torch": the PyTorch form).
   tests    the tests marked ``cuda`` (``pytest -m cuda``), which skip on machines without a GPU.
+  scan     the selective scan alone at DiM-H/2's shape at 256 px (batch 64, 3072 channels, 309 steps, state 16):
+           forward and forward+backward milliseconds of every backend present, and each one's largest relative
+           difference from the PyTorch scan.
   dim-h    DiM-H/2 and DiT-XL/2 at 256 tokens (256 px images, 32 x 32 x 4 latents), batch 64, fp32 (PyTorch's
            default: no TF32 in matrix products) and bf16: ``ssmdiff bench``'s training and sampling images/s. The
            bar: DiM-H/2 samples faster than the third-party 25.1 img/s (A100, fp32, batch 64; DiT-XL/2 76.9) of
@@ -21,7 +25,7 @@ and it reaches no package index. Fetch the pure-Python wheels here first (--fetc
 ignored by git, e.g. listed in .git/info/exclude), carry that folder, and start the command with
 ``python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD``.
 mamba-ssm ships as source and compiles for many minutes, longer than a loan allows; without it the GPU path runs
-the PyTorch scan (the env stage says which).
+the Triton kernels where PyTorch brought Triton, else the PyTorch scan (the env stage says which).
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ if str(ROOT) not in sys.path:
 # What the GPU image lacks that ssmdiff imports: diffusers and the backport it requires on every Python.
 WHEELS = ("diffusers", "importlib_metadata", "zipp")
 THIRD_PARTY_DIM_H_IPS = 25.1  # REFERENCE.md: DiM-H at 256 px, A100, fp32, batch 64
-STAGES = ("env", "tests", "dim-h", "grid")
+STAGES = ("env", "tests", "scan", "dim-h", "grid")
 
 
 def fetch_wheels(folder: Path) -> int:
@@ -70,12 +74,78 @@ def stage_env(device: str) -> dict:
     info = {"torch": torch.__version__, "cuda": torch.version.cuda, "cuda_available": torch.cuda.is_available(),
             "mamba_ssm": importlib.util.find_spec("mamba_ssm") is not None,
             "causal_conv1d": importlib.util.find_spec("causal_conv1d") is not None,
+            "triton": _version("triton"),
             "scan_backend": resolve_backend(torch.device(device)), "python": sys.version.split()[0]}
     if device.startswith("cuda") and torch.cuda.is_available():
         props = torch.cuda.get_device_properties(torch.device(device))
         info.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1),
                     multiprocessors=props.multi_processor_count)
     return info
+
+
+def _version(name: str):
+    from importlib import metadata
+
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def stage_scan(device: str, quick: bool) -> dict:
+    """Milliseconds (fastest of a few) of one selective scan, forward alone and forward+backward, per backend."""
+    import torch
+
+    from ssmdiff.ssm.ops import _scan_triton
+    from ssmdiff.ssm.ops.selective_scan import _mamba_ssm_fn, selective_scan
+
+    dev = torch.device(device)
+    b, d, L, n = (1, 16, 40, 16) if quick else (64, 3072, 309, 16)
+    g = torch.Generator().manual_seed(0)
+
+    def r(*shape, scale=1.0, shift=0.0):
+        return (torch.randn(*shape, generator=g) * scale + shift).to(dev)
+
+    x = dict(u=r(b, d, L), delta=r(b, d, L, scale=0.5, shift=-1.0), A=-torch.rand(d, n, generator=g).to(dev) - 0.5,
+             B=r(b, n, L), C=r(b, n, L), D=r(d), z=r(b, d, L), delta_bias=r(d, scale=0.3))
+    backends = (["torch"] + (["triton"] if _scan_triton.available(dev) else [])
+                + (["cuda"] if dev.type == "cuda" and _mamba_ssm_fn() is not None else []))
+
+    def sync():
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+
+    def timed(fn, repeats=3 if quick else 5):
+        fn()  # compile / warm up
+        sync()
+        best = float("inf")
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            best = min(best, time.perf_counter() - t0)
+        return round(1e3 * best, 3)
+
+    def forward(backend, grad=False):
+        ins = {k: v.detach().requires_grad_(grad and k != "A") for k, v in x.items()}
+        args = [ins[k] for k in ("u", "delta", "A", "B", "C")]
+        out = selective_scan(*args, D=ins["D"], z=ins["z"], delta_bias=ins["delta_bias"], delta_softplus=True,
+                             backend=backend)
+        if grad:
+            out.backward(torch.ones_like(out))
+        return out
+
+    result = {"shape": {"batch": b, "channels": d, "length": L, "state": n}, "backends": {}}
+    with torch.no_grad():
+        ref = forward("torch").float()
+    for backend in backends:
+        with torch.no_grad():
+            out = forward(backend).float()
+            entry = {"max_rel_diff_vs_torch": ((out - ref).abs().max() / ref.abs().max()).item(),
+                     "forward_ms": timed(lambda: forward(backend))}
+        entry["forward_backward_ms"] = timed(lambda: forward(backend, grad=True))
+        result["backends"][backend] = entry
+    return result
 
 
 def stage_tests(timeout_s: float) -> dict:
@@ -152,6 +222,7 @@ def main(argv=None) -> int:
     runners = {
         "env": lambda: stage_env(args.device),
         "tests": lambda: stage_tests(args.tests_timeout),
+        "scan": lambda: stage_scan(args.device, args.quick),
         "dim-h": lambda: stage_dim_h(args.device, args.out, args.quick),
         "grid": lambda: stage_grid(args.device, args.out, args.quick),
     }

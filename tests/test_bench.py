@@ -311,11 +311,14 @@ def test_gpu_check_dry_run_on_cpu(tmp_path, capsys):
     spec = importlib.util.spec_from_file_location("gpu_check", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    assert mod.main(["--device", "cpu", "--quick", "--stages", "env", "dim-h", "grid", "--out", str(tmp_path)]) == 0
+    assert mod.main(["--device", "cpu", "--quick", "--stages", "env", "scan", "dim-h", "grid", "--out",
+                     str(tmp_path)]) == 0
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     stages = report["stages"]
-    assert set(stages) == {"env", "dim-h", "grid"} and all(s["status"] == "ok" for s in stages.values())
+    assert set(stages) == {"env", "scan", "dim-h", "grid"} and all(s["status"] == "ok" for s in stages.values())
     assert stages["env"]["result"]["scan_backend"] in ("cpu", "torch")
+    scan = stages["scan"]["result"]["backends"]["torch"]
+    assert scan["max_rel_diff_vs_torch"] == 0 and scan["forward_ms"] > 0 and scan["forward_backward_ms"] > 0
     bar = stages["dim-h"]["result"]["bar"]
     assert bar["model"] == "DiM-T/2" and bar["third_party_ips"] == 25.1 and bar["fp32_sample_ips"] > 0
     assert set(stages["dim-h"]["result"]["rows"]) == {"DiT-T/2 fp32", "DiT-T/2 bf16", "DiM-T/2 fp32", "DiM-T/2 bf16"}

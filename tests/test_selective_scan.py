@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from ssmdiff.ssm import selective_scan, selective_scan_ref
-from ssmdiff.ssm.ops import _scan_cpu, _scan_torch
+from ssmdiff.ssm.ops import _scan_cpu, _scan_torch, _scan_triton
 from ssmdiff.ssm.ops.counting import count_extra_flops
 from ssmdiff.ssm.ops.selective_scan import resolve_backend
 
@@ -20,6 +20,10 @@ BF16_TOL = dict(rtol=3e-2, atol=5e-2)
 NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
 
 needs_kernel = pytest.mark.skipif(not _scan_cpu.available(), reason="no C++ compiler: compiled CPU scan unavailable")
+# The Triton kernels run on CPU tensors only through Triton's interpreter: `pip install triton` and
+# `TRITON_INTERPRET=1 pytest -k triton` (torch's CPU wheels bring no Triton, so the default run skips these).
+TRITON_CPU = _scan_triton.interpreted() and _scan_triton._triton() is not None
+needs_triton_interpreter = pytest.mark.skipif(not TRITON_CPU, reason="needs Triton and TRITON_INTERPRET=1")
 
 
 def make_inputs(batch=2, dim=4, length=16, state=16, groups=None, D=True, z=True, bias=True, dtype=torch.float32,
@@ -302,7 +306,7 @@ def test_add_is_summed_into_the_output_with_its_gradient_passed_through(opts, dt
     present = [k for k in NAMES if inputs[k] is not None]
     expected, _, grads_e = run(selective_scan_ref, inputs, grad_out, **kw)
     expected = expected + add.detach().float()
-    for backend in ["ref", "torch"] + (["cpu"] if _scan_cpu.available() else []):
+    for backend in ["ref", "torch"] + (["cpu"] if _scan_cpu.available() else []) + (["triton"] if TRITON_CPU else []):
         out = selective_scan(*(inputs[k] for k in ("u", "delta", "A", "B", "C")), D=inputs["D"], z=inputs["z"],
                              delta_bias=inputs["delta_bias"], add=add, backend=backend, **kw)
         assert out.dtype == inputs["u"].dtype  # the output keeps u's dtype whatever add's is
@@ -334,7 +338,7 @@ def test_gate_add_sums_before_the_gate(state, reverse, dtype):
 
     expected = formula()
     grads_e = torch.autograd.grad(expected, [add] + [inputs[k] for k in present], grad_out)
-    backends = ["ref", "torch"] + (["cpu"] if _scan_cpu.available() else [])
+    backends = ["ref", "torch"] + (["cpu"] if _scan_cpu.available() else []) + (["triton"] if TRITON_CPU else [])
     for backend in backends:
         out = selective_scan(*scan_args, D=inputs["D"], z=inputs["z"], delta_bias=inputs["delta_bias"], add=add,
                              gate_add=True, backend=backend, **kw)
@@ -492,6 +496,87 @@ def test_torch_fallback_on_cuda(length):
     compare(inputs, "torch", FP32_TOL, **kw)
 
 
+# (length, options, groups, reverse, state, dtype): one tile and a tail, several tiles, grouped B/C, a state that is
+# not a power of two, bf16 rows.
+TRITON_CASES = [
+    (7, "full", None, False, 16, torch.float32),
+    (70, "full", 2, True, 16, torch.float32),
+    (40, "plain", None, False, 16, torch.float32),
+    (33, "full", None, True, 5, torch.float32),
+    (40, "full", None, True, 16, torch.bfloat16),
+]
+
+
+def _compare_triton(device, length, opts, groups, reverse, state, dtype, dim=8):
+    inputs, kw = _case(length, OPTION_SETS[opts], groups=groups, reverse=reverse, dim=dim, state=state, dtype=dtype,
+                       device=device)
+    compare(inputs, "triton", FP32_TOL if dtype == torch.float32 else BF16_TOL, **kw)
+
+
+@needs_triton_interpreter
+@pytest.mark.parametrize("case", TRITON_CASES)
+def test_triton_kernel_interpreted(case):
+    _compare_triton("cpu", *case)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("case", TRITON_CASES + [(1000, "full", None, True, 16, torch.float32)])
+def test_triton_kernel_on_cuda(case):
+    if not _scan_triton.available(torch.device("cuda")):
+        pytest.skip("Triton is not installed (or failed its self-check, with a warning)")
+    _compare_triton("cuda", *case, dim=8 if case[0] >= 256 else 48)
+
+
+@pytest.mark.cuda
+def test_triton_self_check_passes_on_cuda():
+    if _scan_triton._triton() is None:
+        pytest.skip("Triton is not installed")
+    assert _scan_triton.self_check(torch.device("cuda")) < 1e-4
+
+
+def test_auto_backend_on_cuda_prefers_mamba_ssm_then_triton(monkeypatch):
+    import importlib
+
+    mod = importlib.import_module("ssmdiff.ssm.ops.selective_scan")
+    cuda = torch.device("cuda")
+    monkeypatch.delenv("SSMDIFF_SCAN_BACKEND", raising=False)
+    monkeypatch.setattr(mod, "_mamba_ssm_fn", lambda: object())
+    assert resolve_backend(cuda) == "cuda"
+    monkeypatch.setattr(mod, "_mamba_ssm_fn", lambda: None)
+    monkeypatch.setattr(_scan_triton, "available", lambda device: True)
+    assert resolve_backend(cuda) == "triton"
+    monkeypatch.setattr(_scan_triton, "available", lambda device: False)
+    assert resolve_backend(cuda) == "torch"
+
+
+@pytest.mark.parametrize("failure", ["mismatch", "error"])
+def test_triton_that_fails_its_self_check_is_not_used(monkeypatch, failure):
+    """A Triton build that compiles the kernels wrongly (or not at all) must not train a model: ``available`` runs
+    the self-check once per device and says no, with one warning naming the reason."""
+    def check(device):
+        if failure == "error":
+            raise RuntimeError("PTX too old")
+        return 0.5
+
+    monkeypatch.setattr(_scan_triton, "_triton", lambda: object())
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(_scan_triton, "self_check", check)
+    _scan_triton._checked.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="disagrees" if failure == "mismatch" else "PTX too old"):
+            assert not _scan_triton.available(torch.device("cpu"))
+        assert not _scan_triton.available(torch.device("cpu"))  # cached: no second check, no second warning
+    finally:
+        _scan_triton._checked.cache_clear()
+
+
+@pytest.mark.skipif(TRITON_CPU, reason="Triton's interpreter is on")
+def test_triton_backend_on_cpu_without_the_interpreter_raises():
+    x = make_inputs(length=4)
+    with pytest.raises(ValueError, match="backend 'triton' needs Triton"):
+        selective_scan(x["u"], x["delta"], x["A"], x["B"], x["C"], backend="triton")
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("reverse", [False, True])
 def test_mamba_ssm_kernel_on_cuda(reverse):
@@ -585,3 +670,25 @@ def test_scan_benchmark_bf16_inputs(tmp_path):
     (row,) = payload["results"]
     assert payload["config"]["dtype"] == "bf16"
     assert row["ssmdiff_fwd_ms"] > 0 and row["ssmdiff_fwdbwd_ms"] > 0
+
+
+@needs_triton_interpreter
+def test_triton_backend_inside_a_bidirectional_mamba_block(monkeypatch):
+    """The scan's callers hand it views (B and C slices of x_proj's output) and the gated sum of two directions:
+    a BiMamba block on the Triton kernels gives the reference backend's output and parameter gradients."""
+    from ssmdiff.ssm.modules.mamba import BiMamba
+
+    block = BiMamba(d_model=8, d_state=4)
+    x = torch.randn(2, 21, 8)
+    results = []
+    for backend in ("ref", "triton"):
+        monkeypatch.setenv("SSMDIFF_SCAN_BACKEND", backend)
+        block.zero_grad()
+        out = block(x)
+        out.square().sum().backward()
+        results.append((out.detach(), {k: p.grad.clone() for k, p in block.named_parameters()}))
+    (out_r, grads_r), (out_t, grads_t) = results
+    torch.testing.assert_close(out_t, out_r, **FP32_TOL)
+    for k, g in grads_r.items():
+        scale = max(1.0, g.abs().max().item())
+        torch.testing.assert_close(grads_t[k] / scale, g / scale, **FP32_TOL, msg=k)

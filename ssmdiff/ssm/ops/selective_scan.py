@@ -2,12 +2,16 @@
 implementation by device.
 
 Backends:
-  "cpu"   compiled C++ kernel (``_scan_cpu``), forward and backward without a (batch, length, channels, state) tensor;
-  "cuda"  mamba-ssm's ``selective_scan_fn`` (CUDA tensors, mamba-ssm installed);
-  "torch" chunked pure-PyTorch scan (``_scan_torch``), any device, bounded memory;
-  "ref"   the sequential reference (``selective_scan_ref``), slow, for tests.
-"auto" (default) takes "cuda" on CUDA when mamba-ssm imports, else "torch" there; on CPU "cpu" when the kernel
-builds, else "torch" (after one warning).
+  "cpu"    compiled C++ kernel (``_scan_cpu``), forward and backward without a (batch, length, channels, state)
+           tensor;
+  "cuda"   mamba-ssm's ``selective_scan_fn`` (CUDA tensors, mamba-ssm installed);
+  "triton" Triton kernels (``_scan_triton``), likewise without that tensor: CUDA tensors with Triton importable
+           (PyTorch's CUDA wheels bring it) and its self-check passed, or CPU tensors under ``TRITON_INTERPRET=1``
+           (Triton's interpreter, for tests);
+  "torch"  chunked pure-PyTorch scan (``_scan_torch``), any device, bounded memory;
+  "ref"    the sequential reference (``selective_scan_ref``), slow, for tests.
+"auto" (default) takes "cuda" on CUDA when mamba-ssm imports, else "triton" when Triton does (and its kernels pass
+their self-check), else "torch" there; on CPU "cpu" when the kernel builds, else "torch" (after one warning).
 
 Environment: ``SSMDIFF_SCAN_BACKEND`` replaces "auto" (benchmarks, debugging); ``SSMDIFF_CACHE`` is where the CPU
 kernel is built (default ~/.cache/ssmdiff); ``CXX`` picks the compiler; ``SSMDIFF_NO_COMPILE=1`` never compiles
@@ -25,7 +29,7 @@ import torch.nn.functional as F
 from .counting import record_flops
 from .selective_scan_ref import selective_scan_ref
 
-BACKENDS = ("auto", "cpu", "cuda", "torch", "ref")
+BACKENDS = ("auto", "cpu", "cuda", "triton", "torch", "ref")
 
 
 def _check_inputs(u, delta, A, B, C, D, z, delta_bias, add=None):
@@ -100,7 +104,11 @@ def resolve_backend(device: torch.device, backend: str | None = None) -> str:
     if backend != "auto":
         return backend
     if device.type == "cuda":
-        return "cuda" if _mamba_ssm_fn() is not None else "torch"
+        if _mamba_ssm_fn() is not None:
+            return "cuda"
+        from . import _scan_triton
+
+        return "triton" if _scan_triton.available(device) else "torch"
     if device.type == "cpu":
         from . import _scan_cpu
 
@@ -142,7 +150,14 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
         if which == "cuda" and (u.device.type != "cuda" or _mamba_ssm_fn() is None):
             raise ValueError("backend 'cuda' needs CUDA tensors and mamba-ssm installed (pip install mamba-ssm); "
                              "use 'auto' or 'torch'")
-        gate_here = gate_add and add is not None and z is not None and not (which == "cpu" and length > 0)
+        if which == "triton":
+            from . import _scan_triton
+
+            if not _scan_triton.available(u.device):
+                raise ValueError("backend 'triton' needs Triton and CUDA tensors (or CPU tensors with "
+                                 "TRITON_INTERPRET=1); use 'auto' or 'torch'")
+        fused_add = which in ("cpu", "triton") and length > 0  # kernels that sum (and gate) add themselves
+        gate_here = gate_add and add is not None and z is not None and not fused_add
         if gate_here:  # the kernels other than the CPU one gate after adding: scan without z, gate below
             kw["z"] = None
         if which == "ref" or length == 0:
@@ -151,6 +166,9 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
             from ._scan_cpu import selective_scan_cpu
 
             out, last = selective_scan_cpu(u, delta, A, B, C, add=add, gate_add=gate_add, **kw)
+            add = None  # summed inside the kernel
+        elif which == "triton":
+            out, last = _scan_triton.selective_scan_triton(u, delta, A, B, C, add=add, gate_add=gate_add, **kw)
             add = None  # summed inside the kernel
         elif which == "cuda":
             out, last = _cuda_scan(_mamba_ssm_fn(), u, delta, A, B, C, **kw)

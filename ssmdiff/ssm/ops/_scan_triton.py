@@ -1,0 +1,235 @@
+"""Triton selective scan (Mamba-1) for NVIDIA GPUs without mamba-ssm: forward and backward, no
+(batch, length, channels, state) tensor in global memory.
+
+mamba-ssm's CUDA kernels are the fast path on GPUs, but they are source-only on PyPI and compile for a long time
+against one torch/CUDA pair; without them ``selective_scan`` used the chunked pure-PyTorch scan, which writes
+several (batch, channels, chunk, state) tensors per chunk. Triton ships with PyTorch's CUDA wheels and compiles these
+kernels at first use instead.
+
+Each program owns ``BD`` channels of one batch element and walks the sequence in tiles of ``BT`` steps, in scan order
+(from the end for ``reverse``, by index arithmetic: nothing is flipped). Inside a tile the recurrence
+h_s = a_s h_{s-1} + x_s (a = exp(dt A), x = dt u B) is a ``tl.associative_scan`` over (a, x) pairs composed as affine
+maps, and the state entering the tile is added through the scanned product of decays, so the state lives in
+registers across tiles. The forward keeps that entering state per tile for the backward (``states``: (batch,
+channels, tiles, state) float32, one float per position and row at state 16 and ``BT`` 16). The backward walks the
+tiles from the last: it recomputes the states before each position (a scan of the previous positions' pairs), takes
+dh_s = g_s C_s + a_{s+1} dh_{s+1} as a reverse scan, and adds the per-program sums of dB and dC (over its channels)
+and of dA, dD and the delta bias (over its positions) into float32 buffers with atomics.
+
+Semantics are ``selective_scan``'s, with ``add`` and ``gate_add`` applied in the epilogue. ``TRITON_INTERPRET=1``
+runs the kernels on CPU tensors through Triton's interpreter (how the tests check them without a GPU).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+
+import torch
+
+__all__ = ["available", "interpreted", "selective_scan_triton"]
+
+BT = 16  # time steps per tile; the forward and backward must agree (the saved states are per tile)
+BD_FWD, BD_BWD = 16, 8  # channels per program
+NUM_WARPS = 4
+
+
+@functools.lru_cache(maxsize=1)
+def _triton():
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception:  # not installed (torch's CPU wheels do not bring it) or broken
+        return None
+    return triton
+
+
+def interpreted() -> bool:
+    """Whether Triton runs kernels through its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def available(device: torch.device) -> bool:
+    """Whether the Triton kernels can run on ``device``: CUDA with Triton importable, or any CPU tensor under
+    Triton's interpreter; and they passed ``self_check`` there (once per device and process)."""
+    if _triton() is None:
+        return False
+    device = torch.device(device)
+    if device.type == "cuda":
+        return _checked(str(torch.device("cuda", device.index if device.index is not None
+                                         else torch.cuda.current_device())))
+    return device.type == "cpu" and interpreted() and _checked("cpu")
+
+
+@functools.lru_cache(maxsize=None)
+def _checked(device: str) -> bool:
+    try:
+        err = self_check(torch.device(device))
+    except Exception as e:  # a Triton too old for these kernels, a compiler failure, ...
+        warnings.warn(f"ssmdiff: the Triton selective scan failed on {device} ({type(e).__name__}: {e}); using "
+                      "the PyTorch scan there", RuntimeWarning, stacklevel=3)
+        return False
+    if err > 1e-3:
+        warnings.warn(f"ssmdiff: the Triton selective scan disagrees with the PyTorch scan on {device} (relative "
+                      f"error {err:.1e}); using the PyTorch scan there", RuntimeWarning, stacklevel=3)
+        return False
+    return True
+
+
+def self_check(device: torch.device) -> float:
+    """Largest relative difference between the Triton kernels and the chunked PyTorch scan (``_scan_torch``) on a
+    small case with every option (z, D, delta bias with softplus, grouped B/C, ``add`` gated with the sum, both
+    directions, three tiles), outputs and all gradients. ``available`` runs it once per device before any model
+    uses the kernels: a Triton build that compiles them differently falls back to the PyTorch scan with a warning
+    instead of training on wrong gradients."""
+    from ._scan_torch import selective_scan_torch
+
+    g = torch.Generator().manual_seed(0)
+    # Two programs per B/C group on a GPU; a smaller case under the interpreter, which runs scans in Python.
+    b, d, L, n = (2, 4 * BD_FWD, 2 * BT + 5, 16) if device.type == "cuda" else (1, 8, BT + 5, 4)
+
+    def r(*shape, scale=1.0, shift=0.0):
+        return (torch.randn(*shape, generator=g) * scale + shift).to(device).requires_grad_()
+
+    worst = 0.0
+    for reverse in (False, True):
+        u, delta, z, add = r(b, d, L), r(b, d, L, scale=0.5, shift=-1.0), r(b, d, L), r(b, d, L)
+        A = (-torch.rand(d, n, generator=g) * 4 - 0.5).to(device).requires_grad_()
+        B, C = r(b, 2, n, L), r(b, 2, n, L)
+        D, bias = r(d), r(d, scale=0.3)
+        ins = (u, delta, A, B, C, D, z, bias, add)
+        gout = torch.randn(b, d, L, generator=g).to(device)
+        with torch.enable_grad():
+            out, last = selective_scan_triton(u, delta, A, B, C, D, z, bias, True, reverse, add=add, gate_add=True)
+            grads = torch.autograd.grad(out, ins, gout)
+            ref, last_r = selective_scan_torch(u, delta, A, B, C, D, None, bias, True, reverse)
+            ref = (ref + add) * torch.nn.functional.silu(z)
+            grads_r = torch.autograd.grad(ref, ins, gout)
+        for x, y in ((out, ref), (last, last_r), *zip(grads, grads_r)):
+            worst = max(worst, ((x - y).abs().max() / y.abs().max().clamp_min(1e-6)).item())
+    return worst
+
+
+@functools.lru_cache(maxsize=1)
+def _kernels():
+    import triton
+
+    from . import _scan_triton_kernels as k
+
+    return triton, k.scan_fwd, k.scan_bwd
+
+
+def _block(bd: int, ch_per_group: int) -> int:
+    """Channels per program: ``bd`` or the largest power of two dividing the channels of one B/C group."""
+    while ch_per_group % bd:
+        bd //= 2
+    return bd
+
+
+def _strides3(x):
+    return (0, 0, 0) if x is None else tuple(x.stride())
+
+
+def _bc4(X: torch.Tensor) -> torch.Tensor:
+    return X.unsqueeze(1) if X.dim() == 3 else X
+
+
+def _forward(u, delta, A, B4, C4, D, z, delta_bias, add, gate_add, delta_softplus, reverse, save_states):
+    triton, fwd, _ = _kernels()
+    b, d, L = u.shape
+    n = A.shape[1]
+    g = B4.shape[1]
+    cpg = d // g
+    ntiles = triton.cdiv(L, BT)
+    out = torch.empty((b, d, L), dtype=u.dtype, device=u.device)
+    last = torch.empty((b, d, n), dtype=torch.float32, device=u.device)
+    states = (torch.empty((b, d, ntiles, n), dtype=torch.float32, device=u.device) if save_states
+              else torch.empty(0, dtype=torch.float32, device=u.device))
+    bd = _block(BD_FWD, cpg)
+    dummy = out  # pointer for absent optional inputs (never read: the constexpr flags remove the loads)
+    fwd[(b, triton.cdiv(d, bd))](
+        u, delta, A, B4, C4, D if D is not None else dummy, z if z is not None else dummy,
+        delta_bias if delta_bias is not None else dummy, add if add is not None else dummy, out, last, states,
+        d, L, n, cpg, ntiles, *u.stride(), *delta.stride(), *B4.stride(), *C4.stride(), *_strides3(z),
+        *_strides3(add), *out.stride(),
+        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, HAS_ADD=add is not None,
+        GATE_ADD=bool(gate_add and add is not None and z is not None), SOFTPLUS=bool(delta_softplus),
+        REVERSE=bool(reverse), SAVE_STATES=save_states, BD=bd, BT=BT, NP=triton.next_power_of_2(n),
+        num_warps=NUM_WARPS)
+    return out, last, states
+
+
+class _TritonScan(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, add, gate_add, delta_softplus, reverse):
+        B4, C4 = _bc4(B), _bc4(C)
+        out, last, states = _forward(u, delta, A, B4, C4, D, z, delta_bias, add, gate_add, delta_softplus, reverse,
+                                     True)
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, add, states)
+        ctx.flags = (bool(gate_add and add is not None and z is not None), bool(delta_softplus), bool(reverse))
+        ctx.mark_non_differentiable(last)
+        return out, last
+
+    @staticmethod
+    def backward(ctx, dout, _dlast):
+        u, delta, A, B, C, D, z, delta_bias, add, states = ctx.saved_tensors
+        gate_add, softplus, reverse = ctx.flags
+        triton, _, bwd = _kernels()
+        b, d, L = u.shape
+        n = A.shape[1]
+        B4, C4 = _bc4(B), _bc4(C)
+        g = B4.shape[1]
+        cpg = d // g
+        ntiles = triton.cdiv(L, BT)
+        dev = u.device
+        f32 = dict(dtype=torch.float32, device=dev)
+        du = torch.empty((b, d, L), dtype=u.dtype, device=dev)
+        ddelta = torch.empty((b, d, L), dtype=delta.dtype, device=dev)
+        dz = torch.empty((b, d, L), dtype=z.dtype, device=dev) if z is not None else None
+        dadd = torch.empty((b, d, L), dtype=add.dtype, device=dev) if add is not None and gate_add else None
+        dA = torch.zeros((d, n), **f32)
+        dB = torch.zeros((b, g, n, L), **f32)
+        dC = torch.zeros((b, g, n, L), **f32)
+        dD = torch.zeros((d,), **f32) if D is not None else None
+        dbias = torch.zeros((d,), **f32) if delta_bias is not None else None
+        bd = _block(BD_BWD, cpg)
+        dummy = du
+        dout = dout if dout.dtype.is_floating_point else dout.float()
+        bwd[(b, triton.cdiv(d, bd))](
+            u, delta, A, B4, C4, D if D is not None else dummy, z if z is not None else dummy,
+            delta_bias if delta_bias is not None else dummy, add if add is not None else dummy, states, dout,
+            du, ddelta, dA, dB, dC, dD if dD is not None else dA, dz if dz is not None else dummy,
+            dbias if dbias is not None else dA, dadd if dadd is not None else dummy,
+            d, L, n, cpg, ntiles, *u.stride(), *delta.stride(), *B4.stride(), *C4.stride(), *_strides3(z),
+            *_strides3(add), *dout.stride(), *dB.stride(),
+            HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, HAS_ADD=add is not None,
+            GATE_ADD=gate_add, SOFTPLUS=softplus, REVERSE=reverse, BD=bd, BT=BT, NP=triton.next_power_of_2(n),
+            num_warps=NUM_WARPS)
+        if add is not None and not gate_add:
+            dadd = dout.to(add.dtype)  # added after the gate: its gradient is the output's
+        dB = dB.reshape(B.shape).to(B.dtype)
+        dC = dC.reshape(C.shape).to(C.dtype)
+        return (du, ddelta, dA.to(A.dtype), dB, dC, None if dD is None else dD.to(D.dtype), dz,
+                None if dbias is None else dbias.to(delta_bias.dtype), dadd, None, None, None)
+
+
+def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, reverse=False,
+                          add=None, gate_add=False):
+    """(out in u's dtype, last state (b, d, n) float32), differentiable; inputs validated by ``selective_scan``.
+    ``add`` is summed after the gate, or before it with ``gate_add`` and z."""
+    b, d, L = u.shape
+    if b > 1 and b * d * max(L, -(-L // BT) * A.shape[1]) >= 2**31:
+        # The kernels index with 32-bit offsets: run halves of the batch (autograd sums what they share).
+        h = b // 2
+        parts = [selective_scan_triton(*(None if t is None else t[sl] for t in (u, delta)), A,
+                                       B[sl], C[sl], D, None if z is None else z[sl], delta_bias, delta_softplus,
+                                       reverse, None if add is None else add[sl], gate_add)
+                 for sl in (slice(0, h), slice(h, b))]
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+    tensors = (u, delta, A, B, C, D, z, delta_bias, add)
+    if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)):
+        out, last, _ = _forward(u, delta, A, _bc4(B), _bc4(C), D, z, delta_bias, add, gate_add, delta_softplus,
+                                reverse, False)
+        return out, last
+    return _TritonScan.apply(u, delta, A, B, C, D, z, delta_bias, add, gate_add, delta_softplus, reverse)
