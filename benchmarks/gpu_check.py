@@ -12,7 +12,8 @@ rerun; a stage that fails or runs out of time is recorded and the next one still
   tests    the tests marked ``cuda`` (``pytest -m cuda``), which skip on machines without a GPU.
   scan     the selective scan alone at DiM-H/2's shape at 256 px (batch 64, 3072 channels, 309 steps, state 16):
            forward and forward+backward milliseconds of every backend present, and each one's largest relative
-           difference from the PyTorch scan.
+           difference from the PyTorch scan; with Triton, the same for a few tilings of its kernels
+           (``TRITON_TILINGS``), chosen without a GPU.
   dim-h    DiM-H/2 and DiT-XL/2 at 256 tokens (256 px images, 32 x 32 x 4 latents), batch 64, fp32 (PyTorch's
            default: no TF32 in matrix products) and bf16: ``ssmdiff bench``'s training and sampling images/s. The
            bar: DiM-H/2 samples faster than the third-party 25.1 img/s (A100, fp32, batch 64; DiT-XL/2 76.9) of
@@ -46,6 +47,8 @@ if str(ROOT) not in sys.path:
 WHEELS = ("diffusers", "importlib_metadata", "zipp")
 THIRD_PARTY_DIM_H_IPS = 25.1  # REFERENCE.md: DiM-H at 256 px, A100, fp32, batch 64
 STAGES = ("env", "tests", "scan", "dim-h", "grid")
+# (BT, BD_FWD, BD_BWD, NUM_WARPS) of ssmdiff/ssm/ops/_scan_triton.py timed by the scan stage; the first is the default.
+TRITON_TILINGS = ((16, 16, 8, 4), (32, 16, 8, 4), (16, 32, 16, 4), (16, 32, 16, 8), (32, 8, 4, 4), (8, 32, 16, 4))
 
 
 def fetch_wheels(folder: Path) -> int:
@@ -145,6 +148,24 @@ def stage_scan(device: str, quick: bool) -> dict:
                      "forward_ms": timed(lambda: forward(backend))}
         entry["forward_backward_ms"] = timed(lambda: forward(backend, grad=True))
         result["backends"][backend] = entry
+    if "triton" in backends and not quick:
+        # The Triton kernels' tiling is a guess made without a GPU: time the alternatives here too.
+        defaults = (_scan_triton.BT, _scan_triton.BD_FWD, _scan_triton.BD_BWD, _scan_triton.NUM_WARPS)
+        result["triton_tilings"] = {}
+        try:
+            for tiling in TRITON_TILINGS:
+                _scan_triton.BT, _scan_triton.BD_FWD, _scan_triton.BD_BWD, _scan_triton.NUM_WARPS = tiling
+                key = "BT={} BD_FWD={} BD_BWD={} NUM_WARPS={}".format(*tiling)
+                try:
+                    with torch.no_grad():
+                        diff = ((forward("triton").float() - ref).abs().max() / ref.abs().max()).item()
+                        entry = {"max_rel_diff_vs_torch": diff, "forward_ms": timed(lambda: forward("triton"))}
+                    entry["forward_backward_ms"] = timed(lambda: forward("triton", grad=True))
+                except Exception as e:  # e.g. out of registers or shared memory for this tiling
+                    entry = {"failed": f"{type(e).__name__}: {e}"[:300]}
+                result["triton_tilings"][key] = entry
+        finally:
+            _scan_triton.BT, _scan_triton.BD_FWD, _scan_triton.BD_BWD, _scan_triton.NUM_WARPS = defaults
     return result
 
 

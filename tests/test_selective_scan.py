@@ -519,6 +519,15 @@ def test_triton_kernel_interpreted(case):
     _compare_triton("cpu", *case)
 
 
+@needs_triton_interpreter
+@pytest.mark.parametrize("tiling", [(8, 4, 2, 4), (32, 8, 4, 4)])
+def test_triton_kernel_interpreted_other_tilings(monkeypatch, tiling):
+    """The tilings benchmarks/gpu_check.py times on a GPU are correct too (BT, BD_FWD, BD_BWD, NUM_WARPS)."""
+    for name, value in zip(("BT", "BD_FWD", "BD_BWD", "NUM_WARPS"), tiling):
+        monkeypatch.setattr(_scan_triton, name, value)
+    _compare_triton("cpu", 70, "full", 2, True, 16, torch.float32)
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("case", TRITON_CASES + [(1000, "full", None, True, 16, torch.float32)])
 def test_triton_kernel_on_cuda(case):

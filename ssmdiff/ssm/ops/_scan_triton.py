@@ -135,13 +135,13 @@ def _bc4(X: torch.Tensor) -> torch.Tensor:
     return X.unsqueeze(1) if X.dim() == 3 else X
 
 
-def _forward(u, delta, A, B4, C4, D, z, delta_bias, add, gate_add, delta_softplus, reverse, save_states):
+def _forward(u, delta, A, B4, C4, D, z, delta_bias, add, gate_add, delta_softplus, reverse, save_states, bt):
     triton, fwd, _ = _kernels()
     b, d, L = u.shape
     n = A.shape[1]
     g = B4.shape[1]
     cpg = d // g
-    ntiles = triton.cdiv(L, BT)
+    ntiles = triton.cdiv(L, bt)
     out = torch.empty((b, d, L), dtype=u.dtype, device=u.device)
     last = torch.empty((b, d, n), dtype=torch.float32, device=u.device)
     states = (torch.empty((b, d, ntiles, n), dtype=torch.float32, device=u.device) if save_states
@@ -155,7 +155,7 @@ def _forward(u, delta, A, B4, C4, D, z, delta_bias, add, gate_add, delta_softplu
         *_strides3(add), *out.stride(),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, HAS_ADD=add is not None,
         GATE_ADD=bool(gate_add and add is not None and z is not None), SOFTPLUS=bool(delta_softplus),
-        REVERSE=bool(reverse), SAVE_STATES=save_states, BD=bd, BT=BT, NP=triton.next_power_of_2(n),
+        REVERSE=bool(reverse), SAVE_STATES=save_states, BD=bd, BT=bt, NP=triton.next_power_of_2(n),
         num_warps=NUM_WARPS)
     return out, last, states
 
@@ -164,8 +164,9 @@ class _TritonScan(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, add, gate_add, delta_softplus, reverse):
         B4, C4 = _bc4(B), _bc4(C)
+        ctx.bt = BT  # the backward walks the same tiles whatever BT is by then
         out, last, states = _forward(u, delta, A, B4, C4, D, z, delta_bias, add, gate_add, delta_softplus, reverse,
-                                     True)
+                                     True, ctx.bt)
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, add, states)
         ctx.flags = (bool(gate_add and add is not None and z is not None), bool(delta_softplus), bool(reverse))
         ctx.mark_non_differentiable(last)
@@ -181,7 +182,8 @@ class _TritonScan(torch.autograd.Function):
         B4, C4 = _bc4(B), _bc4(C)
         g = B4.shape[1]
         cpg = d // g
-        ntiles = triton.cdiv(L, BT)
+        bt = ctx.bt
+        ntiles = triton.cdiv(L, bt)
         dev = u.device
         f32 = dict(dtype=torch.float32, device=dev)
         du = torch.empty((b, d, L), dtype=u.dtype, device=dev)
@@ -204,7 +206,7 @@ class _TritonScan(torch.autograd.Function):
             d, L, n, cpg, ntiles, *u.stride(), *delta.stride(), *B4.stride(), *C4.stride(), *_strides3(z),
             *_strides3(add), *dout.stride(), *dB.stride(),
             HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, HAS_ADD=add is not None,
-            GATE_ADD=gate_add, SOFTPLUS=softplus, REVERSE=reverse, BD=bd, BT=BT, NP=triton.next_power_of_2(n),
+            GATE_ADD=gate_add, SOFTPLUS=softplus, REVERSE=reverse, BD=bd, BT=bt, NP=triton.next_power_of_2(n),
             num_warps=NUM_WARPS)
         if add is not None and not gate_add:
             dadd = dout.to(add.dtype)  # added after the gate: its gradient is the output's
@@ -230,6 +232,6 @@ def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
     tensors = (u, delta, A, B, C, D, z, delta_bias, add)
     if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)):
         out, last, _ = _forward(u, delta, A, _bc4(B), _bc4(C), D, z, delta_bias, add, gate_add, delta_softplus,
-                                reverse, False)
+                                reverse, False, BT)
         return out, last
     return _TritonScan.apply(u, delta, A, B, C, D, z, delta_bias, add, gate_add, delta_softplus, reverse)
