@@ -520,6 +520,19 @@ def test_triton_kernel_interpreted(case):
 
 
 @needs_triton_interpreter
+def test_triton_self_check_runs_when_the_first_scan_is_under_inference_mode():
+    """Sampling is often the first use: the self-check (which needs autograd) must pass there too, not fall back."""
+    _scan_triton._checked.cache_clear()
+    x = {k: None if v is None else v.detach() for k, v in make_inputs(length=9, state=4).items()}
+    with torch.inference_mode():
+        assert _scan_triton.available(torch.device("cpu"))
+        out = selective_scan(x["u"], x["delta"], x["A"], x["B"], x["C"], D=x["D"], z=x["z"],
+                             delta_bias=x["delta_bias"], delta_softplus=True, backend="triton")
+    torch.testing.assert_close(out, selective_scan_ref(x["u"], x["delta"], x["A"], x["B"], x["C"], D=x["D"], z=x["z"],
+                                                       delta_bias=x["delta_bias"], delta_softplus=True), **FP32_TOL)
+
+
+@needs_triton_interpreter
 @pytest.mark.parametrize("tiling", [(8, 4, 2, 4), (32, 8, 4, 4)])
 def test_triton_kernel_interpreted_other_tilings(monkeypatch, tiling):
     """The tilings benchmarks/gpu_check.py times on a GPU are correct too (BT, BD_FWD, BD_BWD, NUM_WARPS)."""

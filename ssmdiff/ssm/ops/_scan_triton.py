@@ -65,7 +65,11 @@ def available(device: torch.device) -> bool:
 @functools.lru_cache(maxsize=None)
 def _checked(device: str) -> bool:
     try:
-        err = self_check(torch.device(device))
+        # The first scan often comes under inference_mode (sampling) or autocast: the check needs autograd and
+        # float32 whatever the caller's modes.
+        dev = torch.device(device)
+        with torch.inference_mode(False), torch.enable_grad(), torch.autocast(dev.type, enabled=False):
+            err = self_check(dev)
     except Exception as e:  # a Triton too old for these kernels, a compiler failure, ...
         warnings.warn(f"ssmdiff: the Triton selective scan failed on {device} ({type(e).__name__}: {e}); using "
                       "the PyTorch scan there", RuntimeWarning, stacklevel=3)
