@@ -224,6 +224,10 @@ def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
                           add=None, gate_add=False):
     """(out in u's dtype, last state (b, d, n) float32), differentiable; inputs validated by ``selective_scan``.
     ``add`` is summed after the gate, or before it with ``gate_add`` and z."""
+    # The kernels index A as (d, n) and D, delta_bias as (d,) with unit strides; everything else by its strides.
+    A = A.contiguous()
+    D = None if D is None else D.contiguous()
+    delta_bias = None if delta_bias is None else delta_bias.contiguous()
     b, d, L = u.shape
     if b > 1 and b * d * max(L, -(-L // BT) * A.shape[1]) >= 2**31:
         # The kernels index with 32-bit offsets: run halves of the batch (autograd sums what they share).
