@@ -4,20 +4,22 @@ to some sessions for 15 minutes in all, machine start included).
     python benchmarks/gpu_check.py --fetch-wheels .whl      # here, with network: wheels the GPU image lacks
     python benchmarks/gpu_check.py --out "$OUT"             # there (see "On the device machine" below)
 
-Stages, each under its own time limit so that the whole run stays inside one command's limit with time left for a
-rerun; a stage that fails or runs out of time is recorded and the next one still runs:
+Stages, in this order (the bar first), each under its own time limit so that the whole run stays inside one
+command's limit with time left for a rerun; a stage that fails or runs out of time is recorded and the next one still
+runs, and gpu_check.json is rewritten after each:
   env      torch and CUDA versions, the GPU, whether mamba-ssm, causal-conv1d and Triton import, and the
            selective-scan backend ``resolve_backend`` picks on the GPU ("cuda": mamba-ssm's kernels; "triton": the
            Triton kernels, once they pass their self-check; "torch": the PyTorch form).
-  tests    the tests marked ``cuda`` (``pytest -m cuda``), which skip on machines without a GPU.
+  dim-h    DiM-H/2 and DiT-XL/2 at 256 tokens (256 px images, 32 x 32 x 4 latents), batch 64, fp32 (PyTorch's
+           default: no TF32 in matrix products) and bf16: ``ssmdiff bench``'s training and sampling images/s. The
+           bar: DiM-H/2 samples faster than the third-party 25.1 img/s (A100, fp32, batch 64; DiT-XL/2 76.9) of
+           REFERENCE.md. One sampling step here is one forward pass of the batch, as in that figure. Where the
+           training step does not fit at that batch, the bar is measured by sampling alone (``sample_ips``).
   scan     the selective scan alone at DiM-H/2's shape at 256 px (batch 64, 3072 channels, 309 steps, state 16):
            forward and forward+backward milliseconds of every backend present, and each one's largest relative
            difference from the PyTorch scan; with Triton, the same for a few tilings of its kernels
            (``TRITON_TILINGS``), chosen without a GPU.
-  dim-h    DiM-H/2 and DiT-XL/2 at 256 tokens (256 px images, 32 x 32 x 4 latents), batch 64, fp32 (PyTorch's
-           default: no TF32 in matrix products) and bf16: ``ssmdiff bench``'s training and sampling images/s. The
-           bar: DiM-H/2 samples faster than the third-party 25.1 img/s (A100, fp32, batch 64; DiT-XL/2 76.9) of
-           REFERENCE.md. One sampling step here is one forward pass of the batch, as in that figure.
+  tests    the tests marked ``cuda`` (``pytest -m cuda``), which skip on machines without a GPU.
   grid     the S pairs (DiS-S/2, DiM-S/2, DiffuSSM-S against DiT-S/2) at 1024 and 4096 tokens in bf16.
 It prints a summary and writes gpu_check.json (and each benchmark's models.json / models.png) under --out.
 
@@ -46,7 +48,7 @@ if str(ROOT) not in sys.path:
 # What the GPU image lacks that ssmdiff imports: diffusers and the backport it requires on every Python.
 WHEELS = ("diffusers", "importlib_metadata", "zipp")
 THIRD_PARTY_DIM_H_IPS = 25.1  # REFERENCE.md: DiM-H at 256 px, A100, fp32, batch 64
-STAGES = ("env", "tests", "scan", "dim-h", "grid")
+STAGES = ("env", "dim-h", "scan", "tests", "grid")
 # (BT, BD_FWD, BD_BWD, NUM_WARPS) of ssmdiff/ssm/ops/_scan_triton.py timed by the scan stage; the first is the default.
 TRITON_TILINGS = ((16, 16, 8, 4), (32, 16, 8, 4), (16, 32, 16, 4), (16, 32, 16, 8), (32, 8, 4, 4), (8, 32, 16, 4))
 
@@ -191,6 +193,34 @@ def _bench(models, tokens, dtypes, batch, device, quick: bool, budget_s, out: Pa
     return json.loads((out / "models.json").read_text())
 
 
+def sample_ips(name: str, tokens: int, batch: int, device: str, repeats: int = 5) -> float:
+    """Images/s of one sampling forward of ``name`` (fp32, eval, inference mode), the fastest of ``repeats`` timed
+    after two warm-up forwards; the bench's sampling phase alone."""
+    import torch
+
+    from ssmdiff.bench import input_size_for
+    from ssmdiff.models import create_model
+
+    dev = torch.device(device)
+    size = input_size_for(name, tokens)
+    model = create_model(name, input_size=size, in_channels=4, num_classes=1000).to(dev).eval()
+    x = torch.randn(batch, 4, size, size, device=dev)
+    t = torch.randint(0, 1000, (batch,), device=dev).float()
+    y = torch.randint(0, 1000, (batch,), device=dev)
+    best = float("inf")
+    with torch.inference_mode():
+        for i in range(2 + repeats):
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            t0 = time.perf_counter()
+            model(x, t, y)
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            if i >= 2:
+                best = min(best, time.perf_counter() - t0)
+    return batch / best
+
+
 def stage_dim_h(device: str, out: Path, quick: bool) -> dict:
     models, tokens, batch = (["DiT-T/2", "DiM-T/2"], [16], 2) if quick else (["DiT-XL/2", "DiM-H/2"], [256], 64)
     result = _bench(models, tokens, ["fp32", "bf16"], batch, device, quick, 10 if quick else 60, out / "dim_h")
@@ -198,12 +228,16 @@ def stage_dim_h(device: str, out: Path, quick: bool) -> dict:
     summary = {f"{r['model']} {r['dtype']}": {"sample_ips": r["sample_ips"], "train_ips": r["train_ips"],
                                               "sample_peak_mb": r.get("sample_peak_mb")} for r in rows}
     dim = [r for r in rows if r["family"] == "DiM" and r["dtype"] == "fp32"]
-    bar = None
+    model = models[1]
     if dim:
-        ips = dim[0]["sample_ips"]
-        bar = {"model": dim[0]["model"], "batch": dim[0]["batch"], "tokens": dim[0]["tokens"],
-               "fp32_sample_ips": ips, "third_party_ips": THIRD_PARTY_DIM_H_IPS,
-               "ratio": ips / THIRD_PARTY_DIM_H_IPS, "met": ips > THIRD_PARTY_DIM_H_IPS}
+        ips, source = dim[0]["sample_ips"], "ssmdiff bench"
+    else:
+        # The bench measures training first; if that did not fit (DiM-H/2 trains 862M parameters at batch 64), the
+        # bar, which is about sampling, is still measured on its own.
+        ips, source = sample_ips(model, tokens[0], batch, device), "sample_ips (the bench row failed)"
+    bar = {"model": model, "batch": batch, "tokens": tokens[0], "fp32_sample_ips": ips, "source": source,
+           "third_party_ips": THIRD_PARTY_DIM_H_IPS, "ratio": ips / THIRD_PARTY_DIM_H_IPS,
+           "met": ips > THIRD_PARTY_DIM_H_IPS}
     return {"rows": summary, "bar": bar,
             "failed": [f"{r['model']} {r['dtype']}: {r.get('reason')}" for r in result["rows"]
                        if r.get("status") != "ok"]}

@@ -335,6 +335,8 @@ def test_gpu_check_dry_run_on_cpu(tmp_path, capsys):
     assert scan["max_rel_diff_vs_torch"] == 0 and scan["forward_ms"] > 0 and scan["forward_backward_ms"] > 0
     bar = stages["dim-h"]["result"]["bar"]
     assert bar["model"] == "DiM-T/2" and bar["third_party_ips"] == 25.1 and bar["fp32_sample_ips"] > 0
+    assert bar["source"] == "ssmdiff bench"
+    assert mod.sample_ips("DiM-T/2", 16, 2, "cpu", repeats=1) > 0  # the bar's own measurement if the bench row fails
     assert set(stages["dim-h"]["result"]["rows"]) == {"DiT-T/2 fp32", "DiT-T/2 bf16", "DiM-T/2 fp32", "DiM-T/2 bf16"}
     assert (tmp_path / "dim_h" / "models.json").exists() and (tmp_path / "grid" / "models.json").exists()
     assert "DiM-H bar: DiM-T/2 samples" in capsys.readouterr().out
