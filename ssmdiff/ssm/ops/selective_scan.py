@@ -155,10 +155,11 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
 
             if not _scan_triton.available(u.device):
                 raise ValueError("backend 'triton' needs Triton and CUDA tensors (or CPU tensors with "
-                                 "TRITON_INTERPRET=1); use 'auto' or 'torch'")
+                                 "TRITON_INTERPRET=1), and kernels that passed their self-check (a warning says "
+                                 "when they did not); use 'auto' or 'torch'")
         fused_add = which in ("cpu", "triton") and length > 0  # kernels that sum (and gate) add themselves
         gate_here = gate_add and add is not None and z is not None and not fused_add
-        if gate_here:  # the kernels other than the CPU one gate after adding: scan without z, gate below
+        if gate_here:  # the other paths know no add: scan without z, then add and gate below
             kw["z"] = None
         if which == "ref" or length == 0:
             out, last = selective_scan_ref(u, delta, A, B, C, return_last_state=True, **kw)
