@@ -51,6 +51,29 @@ def _load_bc(ptr, pid_b, grp, offs_n, t, mask_t, mask_n, s_b, s_g, s_n, s_t):
 
 
 @triton.jit
+def _program_rows(d, n, ch_per_group, A_ptr, D_ptr, bias_ptr, HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr,
+                  BD: tl.constexpr, NP: tl.constexpr):
+    # This program's channels (axis 1 of the grid) and states, their masks, its B/C group (a program's channels
+    # share one: BD divides ch_per_group), and its rows of A (float32, (BD, NP)), D and the delta bias (zeros when
+    # absent).
+    pid_d = tl.program_id(1)
+    offs_d = pid_d * BD + tl.arange(0, BD)
+    mask_d = offs_d < d
+    offs_n = tl.arange(0, NP)
+    mask_n = offs_n < n
+    mask_dn = mask_d[:, None] & mask_n[None, :]
+    grp = (pid_d * BD) // ch_per_group
+    A = tl.load(A_ptr + offs_d[:, None] * n + offs_n[None, :], mask=mask_dn, other=0.0).to(tl.float32)
+    Dv = tl.zeros([BD], tl.float32)
+    if HAS_D:
+        Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    bias = tl.zeros([BD], tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    return offs_d, mask_d, offs_n, mask_n, mask_dn, grp, A, Dv, bias
+
+
+@triton.jit
 def scan_fwd(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, add_ptr, out_ptr, last_ptr, states_ptr,
              d, L, n, ch_per_group, ntiles,
              su_b, su_d, su_t, sdt_b, sdt_d, sdt_t, sB_b, sB_g, sB_n, sB_t, sC_b, sC_g, sC_n, sC_t,
@@ -59,20 +82,8 @@ def scan_fwd(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, add_ptr
              GATE_ADD: tl.constexpr, SOFTPLUS: tl.constexpr, REVERSE: tl.constexpr, SAVE_STATES: tl.constexpr,
              BD: tl.constexpr, BT: tl.constexpr, NP: tl.constexpr):
     pid_b = tl.program_id(0)
-    pid_d = tl.program_id(1)
-    offs_d = pid_d * BD + tl.arange(0, BD)
-    mask_d = offs_d < d
-    offs_n = tl.arange(0, NP)
-    mask_n = offs_n < n
-    mask_dn = mask_d[:, None] & mask_n[None, :]
-    grp = (pid_d * BD) // ch_per_group  # a program's channels share one B/C group (BD divides ch_per_group)
-    A = tl.load(A_ptr + offs_d[:, None] * n + offs_n[None, :], mask=mask_dn, other=0.0).to(tl.float32)
-    Dv = tl.zeros([BD], tl.float32)
-    if HAS_D:
-        Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-    bias = tl.zeros([BD], tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    offs_d, mask_d, offs_n, mask_n, mask_dn, grp, A, Dv, bias = _program_rows(
+        d, n, ch_per_group, A_ptr, D_ptr, bias_ptr, HAS_D, HAS_BIAS, BD, NP)
     last_col = (tl.arange(0, BT) == BT - 1)[None, :, None]
     h = tl.zeros([BD, NP], tl.float32)
     for k in range(0, ntiles):
@@ -123,20 +134,8 @@ def scan_bwd(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, add_ptr
     # du, ddt, dz, dadd (with GATE_ADD): (batch, d, L) contiguous, written whole; dA (d, n), dB/dC (batch, groups,
     # n, L), dD and dbias (d): float32, zeroed by the caller and accumulated with atomics.
     pid_b = tl.program_id(0)
-    pid_d = tl.program_id(1)
-    offs_d = pid_d * BD + tl.arange(0, BD)
-    mask_d = offs_d < d
-    offs_n = tl.arange(0, NP)
-    mask_n = offs_n < n
-    mask_dn = mask_d[:, None] & mask_n[None, :]
-    grp = (pid_d * BD) // ch_per_group
-    A = tl.load(A_ptr + offs_d[:, None] * n + offs_n[None, :], mask=mask_dn, other=0.0).to(tl.float32)
-    Dv = tl.zeros([BD], tl.float32)
-    if HAS_D:
-        Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-    bias = tl.zeros([BD], tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    offs_d, mask_d, offs_n, mask_n, mask_dn, grp, A, Dv, bias = _program_rows(
+        d, n, ch_per_group, A_ptr, D_ptr, bias_ptr, HAS_D, HAS_BIAS, BD, NP)
     first_col = (tl.arange(0, BT) == 0)[None, :, None]
     dh_next = tl.zeros([BD, NP], tl.float32)  # dh at the first step of the tile after this one
     dA_acc = tl.zeros([BD, NP], tl.float32)
