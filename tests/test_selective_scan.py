@@ -714,3 +714,23 @@ def test_triton_backend_inside_a_bidirectional_mamba_block(monkeypatch):
     for k, g in grads_r.items():
         scale = max(1.0, g.abs().max().item())
         torch.testing.assert_close(grads_t[k] / scale, g / scale, **FP32_TOL, msg=k)
+
+
+@needs_triton_interpreter
+def test_triton_backend_under_torch_compile(monkeypatch):
+    """torch.compile runs the Triton scan eagerly between its graphs and decides its availability once while tracing:
+    a compiled BiMamba block gives the eager block's output and gradients."""
+    from ssmdiff.ssm.modules.mamba import BiMamba
+
+    monkeypatch.setenv("SSMDIFF_SCAN_BACKEND", "triton")
+    block = BiMamba(d_model=8, d_state=4)
+    x = torch.randn(2, 21, 8)
+    results = []
+    for run_block in (block, torch.compile(block)):
+        block.zero_grad()
+        out = run_block(x)
+        out.square().sum().backward()
+        results.append((out.detach(), {k: p.grad.clone() for k, p in block.named_parameters()}))
+    torch.testing.assert_close(results[1][0], results[0][0])
+    for k, g in results[0][1].items():
+        torch.testing.assert_close(results[1][1][k], g, msg=k)

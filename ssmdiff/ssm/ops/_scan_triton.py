@@ -50,6 +50,7 @@ def interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+@torch.compiler.assume_constant_result  # under torch.compile: decided once while tracing, never traced into
 def available(device: torch.device) -> bool:
     """Whether the Triton kernels can run on ``device``: CUDA with Triton importable, or any CPU tensor under
     Triton's interpreter; and they passed ``self_check`` there (once per device and process)."""
@@ -220,6 +221,9 @@ class _TritonScan(torch.autograd.Function):
                 None if dbias is None else dbias.to(delta_bias.dtype), dadd, None, None, None)
 
 
+# torch.compile runs the kernels eagerly between its graphs (a graph break per scan): the autograd Function around
+# them, the self-check's cache and the batch split are not for Dynamo to trace.
+@torch.compiler.disable
 def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, reverse=False,
                           add=None, gate_add=False):
     """(out in u's dtype, last state (b, d, n) float32), differentiable; inputs validated by ``selective_scan``.
