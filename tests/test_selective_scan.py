@@ -497,13 +497,14 @@ def test_torch_fallback_on_cuda(length):
 
 
 # (length, options, groups, reverse, state, dtype): one tile and a tail, several tiles, grouped B/C, a state that is
-# not a power of two, bf16 rows.
+# not a power of two, bf16 rows, a large state.
 TRITON_CASES = [
     (7, "full", None, False, 16, torch.float32),
     (70, "full", 2, True, 16, torch.float32),
     (40, "plain", None, False, 16, torch.float32),
     (33, "full", None, True, 5, torch.float32),
     (40, "full", None, True, 16, torch.bfloat16),
+    (20, "full", None, False, 64, torch.float32),  # fewer channels per program above state 16
 ]
 
 

@@ -125,8 +125,12 @@ def _kernels():
     return triton, k.scan_fwd, k.scan_bwd
 
 
-def _block(bd: int, ch_per_group: int) -> int:
-    """Channels per program: ``bd`` or the largest power of two dividing the channels of one B/C group."""
+def _block(bd: int, ch_per_group: int, np2: int) -> int:
+    """Channels per program: ``bd`` (scaled down for states above 16, so that a tile's (channels, steps, states)
+    tensors stay the size the defaults give at state 16), or the largest power of two dividing the channels of one
+    B/C group."""
+    if np2 > 16:
+        bd = max(1, bd * 16 // np2)
     while ch_per_group % bd:
         bd //= 2
     return bd
@@ -151,7 +155,7 @@ def _forward(u, delta, A, B4, C4, D, z, delta_bias, add, gate_add, delta_softplu
     last = torch.empty((b, d, n), dtype=torch.float32, device=u.device)
     states = (torch.empty((b, d, ntiles, n), dtype=torch.float32, device=u.device) if save_states
               else torch.empty(0, dtype=torch.float32, device=u.device))
-    bd = _block(BD_FWD, cpg)
+    bd = _block(BD_FWD, cpg, triton.next_power_of_2(n))
     dummy = out  # pointer for absent optional inputs (never read: the constexpr flags remove the loads)
     fwd[(b, triton.cdiv(d, bd))](
         u, delta, A, B4, C4, D if D is not None else dummy, z if z is not None else dummy,
@@ -200,7 +204,7 @@ class _TritonScan(torch.autograd.Function):
         dC = torch.zeros((b, g, n, L), **f32)
         dD = torch.zeros((d,), **f32) if D is not None else None
         dbias = torch.zeros((d,), **f32) if delta_bias is not None else None
-        bd = _block(BD_BWD, cpg)
+        bd = _block(BD_BWD, cpg, triton.next_power_of_2(n))
         dummy = du
         dout = dout if dout.dtype.is_floating_point else dout.float()
         bwd[(b, triton.cdiv(d, bd))](
