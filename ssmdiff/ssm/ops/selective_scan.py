@@ -131,7 +131,8 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     that share z can be gated once (the first direction scanned without z, the second gating the sum). The
     state accumulates in float32; the output has u's dtype and gradients the dtypes of their inputs. Returns ``out``
     or ``(out, last_state)`` with last_state (batch, channels, state) float32.
-    ``backend`` forces an implementation ("cpu", "cuda", "torch", "ref"; default "auto", see the module docstring).
+    ``backend`` forces an implementation ("cpu", "cuda", "triton", "torch", "ref"; default "auto", see the module
+    docstring).
     On meta tensors nothing is computed: empty outputs of the right shapes come back. Every call records
     9 * batch * length * channels * state flops under "selective_scan" for ``count_extra_flops``.
     """
