@@ -125,6 +125,56 @@ def _kernels():
     return triton, k.scan_fwd, k.scan_bwd
 
 
+# The tensors each kernel reads or writes in the rows' dtype (bf16 under autocast); every other pointer is float32.
+_ROW_POINTERS = {"u_ptr", "dt_ptr", "z_ptr", "add_ptr", "out_ptr", "g_ptr", "du_ptr", "ddt_ptr", "dz_ptr", "dadd_ptr"}
+
+
+def compile_report(arch: int = 90, state: int = 16, row_dtype: str = "fp32") -> dict:
+    """Compile both kernels for NVIDIA compute capability ``arch`` (90: H100/H200, 80: A100) at the module's
+    tiling, with every option on, without a GPU (Triton ships ptxas), and read each cubin's resource usage with the
+    cuobjdump Triton ships: {"scan_fwd": {"registers", "spill_bytes" (stack frame + local memory: 0 when
+    nothing spills), "shared_bytes"}, "scan_bwd": ...}.
+    Needs Triton, and not its interpreter."""
+    import re
+    import subprocess
+    import tempfile
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    if interpreted():
+        raise RuntimeError("compile_report compiles for a GPU: unset TRITON_INTERPRET")
+    from . import _scan_triton_kernels as k
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    np2 = triton.next_power_of_2(state)
+    report = {}
+    for fn, bd in ((k.scan_fwd, BD_FWD), (k.scan_bwd, BD_BWD)):
+        tiles = {"BD": _block(bd, bd, np2), "BT": BT, "NP": np2}
+        signature, constants = {}, {}
+        for name in fn.arg_names:
+            if name.endswith("_ptr"):
+                signature[name] = "*" + (("bf16" if row_dtype == "bf16" else "fp32") if name in _ROW_POINTERS
+                                         else "fp32")
+            elif name.isupper():
+                signature[name] = "constexpr"
+                constants[name] = tiles.get(name, True)
+            else:
+                signature[name] = "i32"
+        compiled = triton.compile(ASTSource(fn, signature, constexprs=constants),
+                                  target=GPUTarget("cuda", arch, 32), options={"num_warps": NUM_WARPS})
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+            f.write(compiled.asm["cubin"])
+            f.flush()
+            usage = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+        m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", usage)
+        # Spilled registers show up as stack frame (with the ABI ptxas uses) or local memory.
+        report[fn.__name__] = {"registers": int(m.group(1)), "shared_bytes": int(m.group(3)),
+                               "spill_bytes": int(m.group(2)) + int(m.group(4))}
+    return report
+
+
 def _block(bd: int, ch_per_group: int, np2: int) -> int:
     """Channels per program: ``bd`` (scaled down for states above 16, so that a tile's (channels, steps, states)
     tensors stay the size the defaults give at state 16), or the largest power of two dividing the channels of one
