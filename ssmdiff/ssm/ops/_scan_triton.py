@@ -28,7 +28,7 @@ import warnings
 
 import torch
 
-__all__ = ["available", "interpreted", "selective_scan_triton"]
+__all__ = ["available", "compile_report", "interpreted", "selective_scan_triton", "self_check"]
 
 BT = 16  # time steps per tile; the forward and backward must agree (the saved states are per tile)
 BD_FWD, BD_BWD = 16, 8  # channels per program
@@ -85,7 +85,7 @@ def _checked(device: str) -> bool:
 def self_check(device: torch.device) -> float:
     """Largest relative difference between the Triton kernels and the chunked PyTorch scan (``_scan_torch``) on a
     small case with every option (z, D, delta bias with softplus, grouped B/C, ``add`` gated with the sum, both
-    directions, three tiles), outputs and all gradients. ``available`` runs it once per device before any model
+    directions, several tiles), outputs and all gradients. ``available`` runs it once per device before any model
     uses the kernels: a Triton build that compiles them differently falls back to the PyTorch scan with a warning
     instead of training on wrong gradients."""
     from ._scan_torch import selective_scan_torch
