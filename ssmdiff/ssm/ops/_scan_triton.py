@@ -85,34 +85,37 @@ def _checked(device: str) -> bool:
 def self_check(device: torch.device) -> float:
     """Largest relative difference between the Triton kernels and the chunked PyTorch scan (``_scan_torch``) on a
     small case with every option (z, D, delta bias with softplus, grouped B/C, ``add`` gated with the sum, both
-    directions, several tiles), outputs and all gradients. ``available`` runs it once per device before any model
-    uses the kernels: a Triton build that compiles them differently falls back to the PyTorch scan with a warning
-    instead of training on wrong gradients."""
+    directions, several tiles, float32 and bf16 rows), outputs and all gradients; bf16 differences count a fiftieth.
+    ``available`` runs it once per device before any model uses the kernels: a Triton build that compiles them
+    differently falls back to the PyTorch scan with a warning instead of training on wrong gradients."""
     from ._scan_torch import selective_scan_torch
 
     g = torch.Generator().manual_seed(0)
     # Two programs per B/C group on a GPU; a smaller case under the interpreter, which runs scans in Python.
     b, d, L, n = (2, 4 * BD_FWD, 2 * BT + 5, 16) if device.type == "cuda" else (1, 8, BT + 5, 4)
 
-    def r(*shape, scale=1.0, shift=0.0):
-        return (torch.randn(*shape, generator=g) * scale + shift).to(device).requires_grad_()
-
     worst = 0.0
-    for reverse in (False, True):
-        u, delta, z, add = r(b, d, L), r(b, d, L, scale=0.5, shift=-1.0), r(b, d, L), r(b, d, L)
+    # float32 both ways, then bf16 rows (u, delta, B, C, z, add: what a bf16-autocast model hands over) forwards,
+    # whose rounding (8 bits of mantissa, about 4e-3) is scaled down to count like float32 error.
+    for reverse, rows, scale in ((False, torch.float32, 1.0), (True, torch.float32, 1.0), (True, torch.bfloat16, 0.02)):
+        def r(*shape, sd=1.0, shift=0.0, dtype=rows):
+            return (torch.randn(*shape, generator=g) * sd + shift).to(device, dtype).requires_grad_()
+
+        u, delta, z, add = r(b, d, L), r(b, d, L, sd=0.5, shift=-1.0), r(b, d, L), r(b, d, L)
         A = (-torch.rand(d, n, generator=g) * 4 - 0.5).to(device).requires_grad_()
         B, C = r(b, 2, n, L), r(b, 2, n, L)
-        D, bias = r(d), r(d, scale=0.3)
+        D, bias = r(d, dtype=torch.float32), r(d, sd=0.3, dtype=torch.float32)
         ins = (u, delta, A, B, C, D, z, bias, add)
-        gout = torch.randn(b, d, L, generator=g).to(device)
+        gout = torch.randn(b, d, L, generator=g).to(device, rows)
         with torch.enable_grad():
             out, last = selective_scan_triton(u, delta, A, B, C, D, z, bias, True, reverse, add=add, gate_add=True)
             grads = torch.autograd.grad(out, ins, gout)
             ref, last_r = selective_scan_torch(u, delta, A, B, C, D, None, bias, True, reverse)
-            ref = (ref + add) * torch.nn.functional.silu(z)
+            ref = ((ref.float() + add.float()) * torch.nn.functional.silu(z.float())).to(rows)
             grads_r = torch.autograd.grad(ref, ins, gout)
         for x, y in ((out, ref), (last, last_r), *zip(grads, grads_r)):
-            worst = max(worst, ((x - y).abs().max() / y.abs().max().clamp_min(1e-6)).item())
+            x, y = x.float(), y.float()
+            worst = max(worst, scale * ((x - y).abs().max() / y.abs().max().clamp_min(1e-6)).item())
     return worst
 
 
