@@ -757,3 +757,41 @@ def test_triton_kernels_compile_for_gpus_without_spilling():
     for key, kernels in report.items():
         for name, usage in kernels.items():
             assert usage["spill_bytes"] == 0 and 0 < usage["registers"] <= 255, (key, name, usage)
+
+
+def test_triton_backward_is_not_used_when_torch_asks_for_determinism(monkeypatch):
+    """The Triton backward sums with atomics. Under torch.use_deterministic_algorithms(True), training through "auto"
+    takes the deterministic PyTorch scan instead; naming "triton" raises, as torch's nondeterministic ops do (a
+    warning in warn-only mode); inference keeps the Triton kernels."""
+    import importlib
+
+    mod = importlib.import_module("ssmdiff.ssm.ops.selective_scan")
+    calls = []
+
+    def fake_triton(u, delta, A, B, C, add=None, gate_add=False, **kw):
+        calls.append("triton")
+        return _scan_torch.selective_scan_torch(u, delta, A, B, C, **kw)
+
+    monkeypatch.setattr(_scan_triton, "available", lambda device: True)
+    monkeypatch.setattr(_scan_triton, "selective_scan_triton", fake_triton)
+    monkeypatch.setattr(mod, "resolve_backend", lambda device, backend=None: "triton")
+    monkeypatch.delenv("SSMDIFF_SCAN_BACKEND", raising=False)
+    x = make_inputs(length=9, state=4)
+    args = [x[k] for k in ("u", "delta", "A", "B", "C")]
+    kw = dict(D=x["D"], z=x["z"], delta_bias=x["delta_bias"], delta_softplus=True)
+    was = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    try:
+        torch.use_deterministic_algorithms(True)
+        selective_scan(*args, **kw)
+        assert calls == []  # auto, with gradients: the PyTorch scan
+        with torch.no_grad():
+            selective_scan(*args, **kw)
+        assert calls == ["triton"]  # no gradients, nothing to sum
+        with pytest.raises(RuntimeError, match="not deterministic"):
+            selective_scan(*args, backend="triton", **kw)
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        with pytest.warns(UserWarning, match="not deterministic"):
+            selective_scan(*args, backend="triton", **kw)
+        assert calls == ["triton", "triton"]
+    finally:
+        torch.use_deterministic_algorithms(was[0], warn_only=was[1])

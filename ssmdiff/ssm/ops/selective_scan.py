@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -88,6 +89,24 @@ def _cuda_scan(fn, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse)
     out, last = fn(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus,
                    return_last_state=True)
     return (out.flip(-1) if reverse else out), last
+
+
+def _deterministic_choice(backend, *tensors) -> str:
+    """"triton", or what ``torch.use_deterministic_algorithms(True)`` asks for instead when gradients will flow: the
+    Triton backward sums dB, dC, dA, dD and the delta bias with atomics, so its gradients are not bitwise
+    reproducible. Chosen by "auto", the deterministic PyTorch scan is taken instead; asked for by name, it is an
+    error as torch's own nondeterministic ops raise one (a warning in warn-only mode)."""
+    if not (torch.are_deterministic_algorithms_enabled() and torch.is_grad_enabled()
+            and any(t is not None and t.requires_grad for t in tensors)):
+        return "triton"
+    if (backend or os.environ.get("SSMDIFF_SCAN_BACKEND") or "auto") == "auto":
+        return "torch"
+    msg = ("the Triton selective scan's backward sums gradients with atomics and is not deterministic, but "
+           "torch.use_deterministic_algorithms(True) is set; use backend 'auto' or 'torch'")
+    if torch.is_deterministic_algorithms_warn_only_enabled():
+        warnings.warn(msg, UserWarning, stacklevel=3)
+        return "triton"
+    raise RuntimeError(msg)
 
 
 def record_scan_flops(batch: int, channels: int, length: int, state: int) -> None:
@@ -158,6 +177,7 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
                 raise ValueError("backend 'triton' needs Triton and CUDA tensors (or CPU tensors with "
                                  "TRITON_INTERPRET=1), and kernels that passed their self-check (a warning says "
                                  "when they did not); use 'auto' or 'torch'")
+            which = _deterministic_choice(backend, u, delta, A, B, C, D, z, delta_bias, add)
         fused_add = which in ("cpu", "triton") and length > 0  # kernels that sum (and gate) add themselves
         gate_here = gate_add and add is not None and z is not None and not fused_add
         if gate_here:  # the other paths know no add: scan without z, then add and gate below
