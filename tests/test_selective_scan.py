@@ -554,7 +554,8 @@ def test_triton_kernel_on_cuda(case):
 def test_triton_self_check_passes_on_cuda():
     if _scan_triton._triton() is None:
         pytest.skip("Triton is not installed")
-    assert _scan_triton.self_check(torch.device("cuda")) < 1e-4
+    # The limit ``available`` applies (float32 legs agree to about 1e-6; the bf16 leg's rounding counts a fiftieth).
+    assert _scan_triton.self_check(torch.device("cuda")) < 1e-3
 
 
 def test_auto_backend_on_cuda_prefers_mamba_ssm_then_triton(monkeypatch):
