@@ -545,8 +545,10 @@ def test_triton_kernel_interpreted_other_tilings(monkeypatch, tiling):
 @pytest.mark.cuda
 @pytest.mark.parametrize("case", TRITON_CASES + [(1000, "full", None, True, 16, torch.float32)])
 def test_triton_kernel_on_cuda(case):
-    if not _scan_triton.available(torch.device("cuda")):
-        pytest.skip("Triton is not installed (or failed its self-check, with a warning)")
+    if _scan_triton._triton() is None:
+        pytest.skip("Triton is not installed")
+    # Installed but failing its self-check on this GPU is a failure of these kernels, not a reason to skip.
+    assert _scan_triton.available(torch.device("cuda")), "the Triton kernels failed their self-check (see warning)"
     _compare_triton("cuda", *case, dim=8 if case[0] >= 256 else 48)
 
 
