@@ -28,6 +28,8 @@ import warnings
 
 import torch
 
+from ._scan_cpu import add_gradient
+
 __all__ = ["available", "compile_report", "interpreted", "selective_scan_triton", "self_check"]
 
 BT = 16  # time steps per tile; the forward and backward must agree (the saved states are per tile)
@@ -197,85 +199,78 @@ def _bc4(X: torch.Tensor) -> torch.Tensor:
     return X.unsqueeze(1) if X.dim() == 3 else X
 
 
+def _shared_args(u, delta, A, B4, C4, D, z, delta_bias, add, gate_add, softplus, reverse, bt, dummy):
+    """What both kernels take: the input pointers (``dummy`` for absent optional ones, never read: the flags remove
+    their loads), (d, L, n, channels per B/C group, tiles), the inputs' strides, and the constexpr flags with the
+    launch options. ``gate_add`` is already False without add or z."""
+    triton = _triton()
+    d, L = u.shape[1:]
+    n = A.shape[1]
+    pointers = (u, delta, A, B4, C4, *(dummy if t is None else t for t in (D, z, delta_bias, add)))
+    geometry = (d, L, n, d // B4.shape[1], triton.cdiv(L, bt))
+    strides = (*u.stride(), *delta.stride(), *B4.stride(), *C4.stride(), *_strides3(z), *_strides3(add))
+    flags = dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, HAS_ADD=add is not None,
+                 GATE_ADD=gate_add, SOFTPLUS=bool(softplus), REVERSE=bool(reverse), BT=bt,
+                 NP=triton.next_power_of_2(n), num_warps=NUM_WARPS)
+    return pointers, geometry, strides, flags
+
+
 def _forward(u, delta, A, B4, C4, D, z, delta_bias, add, gate_add, delta_softplus, reverse, save_states, bt):
     triton, fwd, _ = _kernels()
     b, d, L = u.shape
-    n = A.shape[1]
-    g = B4.shape[1]
-    cpg = d // g
-    ntiles = triton.cdiv(L, bt)
     out = torch.empty((b, d, L), dtype=u.dtype, device=u.device)
+    pointers, geometry, strides, flags = _shared_args(u, delta, A, B4, C4, D, z, delta_bias, add, gate_add,
+                                                      delta_softplus, reverse, bt, out)
+    n, cpg, ntiles = geometry[2:]
     last = torch.empty((b, d, n), dtype=torch.float32, device=u.device)
     states = (torch.empty((b, d, ntiles, n), dtype=torch.float32, device=u.device) if save_states
               else torch.empty(0, dtype=torch.float32, device=u.device))
-    bd = _block(BD_FWD, cpg, triton.next_power_of_2(n))
-    dummy = out  # pointer for absent optional inputs (never read: the constexpr flags remove the loads)
-    fwd[(b, triton.cdiv(d, bd))](
-        u, delta, A, B4, C4, D if D is not None else dummy, z if z is not None else dummy,
-        delta_bias if delta_bias is not None else dummy, add if add is not None else dummy, out, last, states,
-        d, L, n, cpg, ntiles, *u.stride(), *delta.stride(), *B4.stride(), *C4.stride(), *_strides3(z),
-        *_strides3(add), *out.stride(),
-        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, HAS_ADD=add is not None,
-        GATE_ADD=bool(gate_add and add is not None and z is not None), SOFTPLUS=bool(delta_softplus),
-        REVERSE=bool(reverse), SAVE_STATES=save_states, BD=bd, BT=bt, NP=triton.next_power_of_2(n),
-        num_warps=NUM_WARPS)
+    bd = _block(BD_FWD, cpg, flags["NP"])
+    fwd[(b, triton.cdiv(d, bd))](*pointers, out, last, states, *geometry, *strides, *out.stride(),
+                                 SAVE_STATES=save_states, BD=bd, **flags)
     return out, last, states
 
 
 class _TritonScan(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, add, gate_add, delta_softplus, reverse):
-        B4, C4 = _bc4(B), _bc4(C)
         ctx.bt = BT  # the backward walks the same tiles whatever BT is by then
-        out, last, states = _forward(u, delta, A, B4, C4, D, z, delta_bias, add, gate_add, delta_softplus, reverse,
-                                     True, ctx.bt)
+        out, last, states = _forward(u, delta, A, _bc4(B), _bc4(C), D, z, delta_bias, add, gate_add, delta_softplus,
+                                     reverse, True, ctx.bt)
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, add, states)
-        ctx.flags = (bool(gate_add and add is not None and z is not None), bool(delta_softplus), bool(reverse))
+        ctx.flags = (gate_add, delta_softplus, reverse)
         ctx.mark_non_differentiable(last)
         return out, last
 
     @staticmethod
     def backward(ctx, dout, _dlast):
         u, delta, A, B, C, D, z, delta_bias, add, states = ctx.saved_tensors
-        gate_add, softplus, reverse = ctx.flags
+        gate_add = ctx.flags[0]
         triton, _, bwd = _kernels()
         b, d, L = u.shape
-        n = A.shape[1]
-        B4, C4 = _bc4(B), _bc4(C)
-        g = B4.shape[1]
-        cpg = d // g
-        bt = ctx.bt
-        ntiles = triton.cdiv(L, bt)
-        dev = u.device
-        f32 = dict(dtype=torch.float32, device=dev)
-        du = torch.empty((b, d, L), dtype=u.dtype, device=dev)
-        ddelta = torch.empty((b, d, L), dtype=delta.dtype, device=dev)
-        dz = torch.empty((b, d, L), dtype=z.dtype, device=dev) if z is not None else None
-        dadd = torch.empty((b, d, L), dtype=add.dtype, device=dev) if add is not None and gate_add else None
+        B4 = _bc4(B)
+        du = torch.empty((b, d, L), dtype=u.dtype, device=u.device)
+        pointers, geometry, strides, flags = _shared_args(u, delta, A, B4, _bc4(C), D, z, delta_bias, add, *ctx.flags,
+                                                          ctx.bt, du)
+        n, cpg = geometry[2:4]
+        f32 = dict(dtype=torch.float32, device=u.device)
+        ddelta = torch.empty((b, d, L), dtype=delta.dtype, device=u.device)
+        dz = torch.empty((b, d, L), dtype=z.dtype, device=u.device) if z is not None else None
+        dadd = torch.empty((b, d, L), dtype=add.dtype, device=u.device) if gate_add else None
         dA = torch.zeros((d, n), **f32)
-        dB = torch.zeros((b, g, n, L), **f32)
-        dC = torch.zeros((b, g, n, L), **f32)
+        dB = torch.zeros((b, B4.shape[1], n, L), **f32)
+        dC = torch.zeros((b, B4.shape[1], n, L), **f32)
         dD = torch.zeros((d,), **f32) if D is not None else None
         dbias = torch.zeros((d,), **f32) if delta_bias is not None else None
-        bd = _block(BD_BWD, cpg, triton.next_power_of_2(n))
-        dummy = du
-        dout = dout if dout.dtype.is_floating_point else dout.float()
+        bd = _block(BD_BWD, cpg, flags["NP"])
         bwd[(b, triton.cdiv(d, bd))](
-            u, delta, A, B4, C4, D if D is not None else dummy, z if z is not None else dummy,
-            delta_bias if delta_bias is not None else dummy, add if add is not None else dummy, states, dout,
-            du, ddelta, dA, dB, dC, dD if dD is not None else dA, dz if dz is not None else dummy,
-            dbias if dbias is not None else dA, dadd if dadd is not None else dummy,
-            d, L, n, cpg, ntiles, *u.stride(), *delta.stride(), *B4.stride(), *C4.stride(), *_strides3(z),
-            *_strides3(add), *dout.stride(), *dB.stride(),
-            HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, HAS_ADD=add is not None,
-            GATE_ADD=gate_add, SOFTPLUS=softplus, REVERSE=reverse, BD=bd, BT=bt, NP=triton.next_power_of_2(n),
-            num_warps=NUM_WARPS)
-        if add is not None and not gate_add:
-            dadd = dout.to(add.dtype)  # added after the gate: its gradient is the output's
-        dB = dB.reshape(B.shape).to(B.dtype)
-        dC = dC.reshape(C.shape).to(C.dtype)
-        return (du, ddelta, dA.to(A.dtype), dB, dC, None if dD is None else dD.to(D.dtype), dz,
-                None if dbias is None else dbias.to(delta_bias.dtype), dadd, None, None, None)
+            *pointers, states, dout, du, ddelta, dA, dB, dC, dA if dD is None else dD, du if dz is None else dz,
+            dA if dbias is None else dbias, du if dadd is None else dadd, *geometry, *strides, *dout.stride(),
+            *dB.stride(), BD=bd, **flags)
+        dadd = add_gradient(dadd, dout, None if add is None else add.dtype, gate_add)
+        return (du, ddelta, dA.to(A.dtype), dB.reshape(B.shape).to(B.dtype), dC.reshape(C.shape).to(C.dtype),
+                None if dD is None else dD.to(D.dtype), dz, None if dbias is None else dbias.to(delta_bias.dtype),
+                dadd, None, None, None)
 
 
 # torch.compile runs the kernels eagerly between its graphs (a graph break per scan): the autograd Function around
@@ -285,6 +280,7 @@ def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
                           add=None, gate_add=False):
     """(out in u's dtype, last state (b, d, n) float32), differentiable; inputs validated by ``selective_scan``.
     ``add`` is summed after the gate, or before it with ``gate_add`` and z."""
+    gate_add = bool(gate_add and add is not None and z is not None)  # joins before the gate only with both
     # The kernels index A as (d, n) and D, delta_bias as (d,) with unit strides; everything else by its strides.
     A = A.contiguous()
     D = None if D is None else D.contiguous()
