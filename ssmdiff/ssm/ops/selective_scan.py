@@ -99,7 +99,7 @@ def _deterministic_choice(backend, *tensors) -> str:
     if not (torch.are_deterministic_algorithms_enabled() and torch.is_grad_enabled()
             and any(t is not None and t.requires_grad for t in tensors)):
         return "triton"
-    if (backend or os.environ.get("SSMDIFF_SCAN_BACKEND") or "auto") == "auto":
+    if _requested(backend) == "auto":
         return "torch"
     msg = ("the Triton selective scan's backward sums gradients with atomics and is not deterministic, but "
            "torch.use_deterministic_algorithms(True) is set; use backend 'auto' or 'torch'")
@@ -115,9 +115,14 @@ def record_scan_flops(batch: int, channels: int, length: int, state: int) -> Non
     record_flops("selective_scan", 9 * batch * length * channels * state)
 
 
+def _requested(backend: str | None) -> str:
+    """The backend asked for: the argument, else ``SSMDIFF_SCAN_BACKEND``, else "auto"."""
+    return backend or os.environ.get("SSMDIFF_SCAN_BACKEND") or "auto"
+
+
 def resolve_backend(device: torch.device, backend: str | None = None) -> str:
     """The implementation ``selective_scan`` would use for tensors on ``device``."""
-    backend = backend or os.environ.get("SSMDIFF_SCAN_BACKEND") or "auto"
+    backend = _requested(backend)
     if backend not in BACKENDS:
         raise ValueError(f"unknown selective-scan backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if backend != "auto":
