@@ -57,15 +57,8 @@ TRITON_TILINGS = ((16, 16, 8, 4), (16, 8, 4, 4), (16, 16, 4, 4), (16, 16, 8, 8),
 
 def fetch_wheels(folder: Path) -> int:
     """Download the wheels of WHEELS (this environment's versions where installed) into ``folder``."""
-    from importlib import metadata
-
     folder.mkdir(parents=True, exist_ok=True)
-    specs = []
-    for name in WHEELS:
-        try:
-            specs.append(f"{name}=={metadata.version(name)}")
-        except metadata.PackageNotFoundError:
-            specs.append(name)
+    specs = [f"{name}=={_version(name)}" if _version(name) else name for name in WHEELS]
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-d", str(folder), *specs]
     print(" ".join(cmd))
     return subprocess.call(cmd)
@@ -91,6 +84,7 @@ def stage_env(device: str) -> dict:
 
 
 def _version(name: str):
+    """The installed version of distribution ``name``, or None."""
     from importlib import metadata
 
     try:
@@ -103,6 +97,7 @@ def stage_scan(device: str, quick: bool) -> dict:
     """Milliseconds (fastest of a few) of one selective scan, forward alone and forward+backward, per backend."""
     import torch
 
+    from ssmdiff.bench import _time_phase
     from ssmdiff.ssm.ops import _scan_triton
     from ssmdiff.ssm.ops.selective_scan import _mamba_ssm_fn, selective_scan
 
@@ -118,20 +113,8 @@ def stage_scan(device: str, quick: bool) -> dict:
     backends = (["torch"] + (["triton"] if _scan_triton.available(dev) else [])
                 + (["cuda"] if dev.type == "cuda" and _mamba_ssm_fn() is not None else []))
 
-    def sync():
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-
-    def timed(fn, repeats=3 if quick else 5):
-        fn()  # compile / warm up
-        sync()
-        best = float("inf")
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            fn()
-            sync()
-            best = min(best, time.perf_counter() - t0)
-        return round(1e3 * best, 3)
+    def best_ms(fn):  # one warm-up call (compiles the kernels), then the fastest of a few
+        return round(1e3 * min(_time_phase(fn, dev, 1, 3 if quick else 5, budget_s=120.0)["times_s"]), 3)
 
     def forward(backend, grad=False):
         ins = {k: v.detach().requires_grad_(grad and k != "A") for k, v in x.items()}
@@ -142,16 +125,18 @@ def stage_scan(device: str, quick: bool) -> dict:
             out.backward(torch.ones_like(out))
         return out
 
-    result = {"shape": {"batch": b, "channels": d, "length": L, "state": n}, "backends": {}}
     with torch.no_grad():
         ref = forward("torch").float()
-    for backend in backends:
+
+    def measure(backend):
         with torch.no_grad():
-            out = forward(backend).float()
-            entry = {"max_rel_diff_vs_torch": ((out - ref).abs().max() / ref.abs().max()).item(),
-                     "forward_ms": timed(lambda: forward(backend))}
-        entry["forward_backward_ms"] = timed(lambda: forward(backend, grad=True))
-        result["backends"][backend] = entry
+            diff = ((forward(backend).float() - ref).abs().max() / ref.abs().max()).item()
+            entry = {"max_rel_diff_vs_torch": diff, "forward_ms": best_ms(lambda: forward(backend))}
+        entry["forward_backward_ms"] = best_ms(lambda: forward(backend, grad=True))
+        return entry
+
+    result = {"shape": {"batch": b, "channels": d, "length": L, "state": n},
+              "backends": {backend: measure(backend) for backend in backends}}
     if "triton" in backends and not quick:
         # The Triton kernels' tiling is a guess made without a GPU: time the alternatives here too.
         defaults = (_scan_triton.BT, _scan_triton.BD_FWD, _scan_triton.BD_BWD, _scan_triton.NUM_WARPS)
@@ -161,10 +146,7 @@ def stage_scan(device: str, quick: bool) -> dict:
                 _scan_triton.BT, _scan_triton.BD_FWD, _scan_triton.BD_BWD, _scan_triton.NUM_WARPS = tiling
                 key = "BT={} BD_FWD={} BD_BWD={} NUM_WARPS={}".format(*tiling)
                 try:
-                    with torch.no_grad():
-                        diff = ((forward("triton").float() - ref).abs().max() / ref.abs().max()).item()
-                        entry = {"max_rel_diff_vs_torch": diff, "forward_ms": timed(lambda: forward("triton"))}
-                    entry["forward_backward_ms"] = timed(lambda: forward("triton", grad=True))
+                    entry = measure("triton")
                 except Exception as e:  # e.g. out of registers or shared memory for this tiling
                     entry = {"failed": f"{type(e).__name__}: {e}"[:300]}
                 result["triton_tilings"][key] = entry
@@ -197,10 +179,11 @@ def _bench(models, tokens, dtypes, batch, device, quick: bool, budget_s, out: Pa
 
 def sample_ips(name: str, tokens: int, batch: int, device: str, repeats: int = 5) -> float:
     """Images/s of one sampling forward of ``name`` (fp32, eval, inference mode), the fastest of ``repeats`` timed
-    after two warm-up forwards; the bench's sampling phase alone."""
+    after two warm-up forwards (``ssmdiff bench``'s phase timer, with a 120 s budget); the bench's sampling phase
+    alone."""
     import torch
 
-    from ssmdiff.bench import input_size_for
+    from ssmdiff.bench import _time_phase, input_size_for
     from ssmdiff.models import create_model
 
     dev = torch.device(device)
@@ -209,18 +192,9 @@ def sample_ips(name: str, tokens: int, batch: int, device: str, repeats: int = 5
     x = torch.randn(batch, 4, size, size, device=dev)
     t = torch.randint(0, 1000, (batch,), device=dev).float()
     y = torch.randint(0, 1000, (batch,), device=dev)
-    best = float("inf")
     with torch.inference_mode():
-        for i in range(2 + repeats):
-            if dev.type == "cuda":
-                torch.cuda.synchronize(dev)
-            t0 = time.perf_counter()
-            model(x, t, y)
-            if dev.type == "cuda":
-                torch.cuda.synchronize(dev)
-            if i >= 2:
-                best = min(best, time.perf_counter() - t0)
-    return batch / best
+        times = _time_phase(lambda: model(x, t, y), dev, 2, repeats, budget_s=120.0)["times_s"]
+    return batch / min(times)
 
 
 def stage_dim_h(device: str, out: Path, quick: bool) -> dict:
