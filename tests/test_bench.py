@@ -264,18 +264,12 @@ def test_table_warns_when_mfu_exceeds_100_percent(tiny_run):
     assert "warning: MFU above 100%" in table and bad["rows"][0]["model"] in table.split("warning:")[1]
 
 
-def test_step_breakdown_benchmark(capsys):
+def test_step_breakdown_benchmark(capsys, benchmark_module):
     """benchmarks/step.py: a plain step and the same step split by op (each compiled kernel one op), and AdamW's
     per-tensor loop against fused; bad sizes rejected."""
-    import importlib.util
-    from pathlib import Path
-
     from ssmdiff.ssm.ops import _scan_cpu
 
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / "step.py"
-    spec = importlib.util.spec_from_file_location("bench_step", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = benchmark_module("step")
     plain, timed, ops = mod.step_breakdown("DiS-T/2", 16, 2, "fp32", warmup=1, num_classes=10)
     assert plain > 0 and timed > 0
     if _scan_cpu.available():
@@ -315,16 +309,10 @@ def test_step_breakdown_benchmark(capsys):
     assert "no on/off switch nope" in err and "cannot import ssmdiff.models.nope" in err
 
 
-def test_gpu_check_dry_run_on_cpu(tmp_path, capsys):
+def test_gpu_check_dry_run_on_cpu(tmp_path, capsys, benchmark_module):
     """benchmarks/gpu_check.py: its stages run end to end on tiny models (--device cpu --quick) and write one JSON
     report with the DiM bar against the third-party figure; asking for CUDA where there is none is one clear error."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_check.py"
-    spec = importlib.util.spec_from_file_location("gpu_check", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = benchmark_module("gpu_check")
     assert mod.main(["--device", "cpu", "--quick", "--stages", "env", "scan", "dim-h", "grid", "--out",
                      str(tmp_path)]) == 0
     report = json.loads((tmp_path / "gpu_check.json").read_text())

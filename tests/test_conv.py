@@ -287,16 +287,10 @@ def test_low_precision_cpu_products_match_fp32(mode):
 
 
 @needs_kernel
-def test_conv_benchmark_times_both_conv_forms_on_tiny_shapes(capsys):
+def test_conv_benchmark_times_both_conv_forms_on_tiny_shapes(capsys, benchmark_module):
     """benchmarks/conv.py: the depthwise conv against F.conv1d and the compiled conv + SiLU against the unfused
     composition, forward and forward+backward, in fp32 and under bf16 autocast."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / "conv.py"
-    spec = importlib.util.spec_from_file_location("bench_conv", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = benchmark_module("conv")
     mod.bench_conv_silu([(2, 8, 37)], [torch.float32, torch.bfloat16], 4, 1)
     lines = [line.split() for line in capsys.readouterr().out.splitlines() if line.strip().startswith("(2,")]
     assert len(lines) == 4 and {" ".join(line[4:-4]) for line in lines} == {"unfused", "conv_silu kernel"}

@@ -80,15 +80,9 @@ def test_linear_on_meta_and_cuda_semantics_unchanged():
     torch.testing.assert_close(linear(x, w), F.linear(x, w), rtol=0, atol=0)
 
 
-def test_products_benchmark_runs_on_tiny_shapes(capsys):
+def test_products_benchmark_runs_on_tiny_shapes(capsys, benchmark_module):
     """benchmarks/products.py: every product timed both ways, a ratio per line; bad sizes rejected."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / "products.py"
-    spec = importlib.util.spec_from_file_location("bench_products", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = benchmark_module("products")
     assert mod.main(["--batch", "1", "--width", "16", "--length", "8", "--repeats", "1"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     rows = lines[2:]

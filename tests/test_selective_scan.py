@@ -650,26 +650,14 @@ def test_cpu_kernels_are_well_formed_custom_ops():
         torch.library.opcheck(torch.ops.ssmdiff.add_rms_norm_fwd.default, (h, None, None, leaf(d), 1e-6))
 
 
-def _scan_benchmark():
-    """benchmarks/scan.py as a module (benchmarks/ is not a package)."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / "scan.py"
-    spec = importlib.util.spec_from_file_location("bench_scan", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 @needs_kernel
-def test_scan_benchmark_runs_on_tiny_shapes(tmp_path, capsys):
+def test_scan_benchmark_runs_on_tiny_shapes(tmp_path, capsys, benchmark_module):
     """benchmarks/scan.py: times taken with the training allocator settings, peak memory measured after them; a
     missing mambapy is reported and left out rather than failing the run."""
     import importlib.util
     import json
 
-    mod = _scan_benchmark()
+    mod = benchmark_module("scan")
     assert mod.main(["--lengths", "64", "--batch", "1", "--dim", "4", "--state", "4", "--repeats", "1",
                      "--skip-ref", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
@@ -682,12 +670,12 @@ def test_scan_benchmark_runs_on_tiny_shapes(tmp_path, capsys):
 
 
 @needs_kernel
-def test_scan_benchmark_bf16_inputs(tmp_path):
+def test_scan_benchmark_bf16_inputs(tmp_path, benchmark_module):
     """--dtype bf16 hands the kernel bfloat16 u, delta, B and C (its bf16 row path), A and D float32, and records
     the dtype."""
     import json
 
-    mod = _scan_benchmark()
+    mod = benchmark_module("scan")
     u, delta, A, B, C, D = mod.make_inputs("ssmdiff", 1, 4, 32, 8, grad=False, dtype="bf16")
     assert {t.dtype for t in (u, delta, B, C)} == {torch.bfloat16} and A.dtype == D.dtype == torch.float32
     assert mod.main(["--lengths", "64", "--batch", "1", "--dim", "4", "--state", "8", "--repeats", "1",

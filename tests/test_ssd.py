@@ -205,15 +205,9 @@ def test_cuda_dispatch_matches_reference(reverse):
 
 
 @needs_kernel
-def test_ssd_benchmark_runs_on_tiny_shapes(capsys):
+def test_ssd_benchmark_runs_on_tiny_shapes(capsys, benchmark_module):
     """benchmarks/ssd.py: both implementations timed, ratios against the chunked form; bad sizes rejected."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / "ssd.py"
-    spec = importlib.util.spec_from_file_location("bench_ssd", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = benchmark_module("ssd")
     assert mod.main(["--batch", "1", "--length", "20", "--heads", "2", "--headdim", "4", "--state", "8",
                      "--repeats", "1"]) == 0
     rows = capsys.readouterr().out.strip().splitlines()[2:]
