@@ -84,6 +84,10 @@ __all__ = [
 DEFAULT_MODELS = ("DiT-S/2", "DiS-S/2", "DiM-S/2", "DiffuSSM-S", "DiT-B/2", "DiS-B/2")
 DEFAULT_TOKENS = (256, 1024, 4096)
 DTYPES = ("fp32", "bf16")
+PHASES = ("train", "sample")
+# Row statuses: "ok" (both phases measured), "partial" (the training step failed, sampling measured alone; "reason"
+# says why), "failed" and "skipped" (nothing measured).
+MEASURED = ("ok", "partial")
 TOKENS_PER_BATCH = 4096
 MAX_BATCH = 16
 DEFAULT_BUDGET_S = 120.0
@@ -338,8 +342,11 @@ def measure_config(cfg: dict) -> dict:
     """Train and sample one configuration in this process; returns the measured fields of its row.
 
     cfg: {"name", "overrides", "tokens", "batch", "dtype", "device", "num_classes", "warmup", "repeats",
-    "budget_s", "threads", "pin_malloc", "floor_kb", "compile"}. With "compile" (the run's flag or the spec's
-    ``compile=true``) both phases run the model through torch.compile (compiled in the untimed warm-up steps).
+    "budget_s", "threads", "pin_malloc", "floor_kb", "compile", "phases"}. With "compile" (the run's flag or the
+    spec's ``compile=true``) both phases run the model through torch.compile (compiled in the untimed warm-up
+    steps). "phases" (default ``PHASES``) names the phases to measure: ``["sample"]`` times and measures sampling
+    alone, what ``run_model_benchmark`` does after a training step failed (a model that samples at a batch it
+    cannot train at, e.g. out of memory).
     """
     import torch
     import torch.nn.functional as F
@@ -350,6 +357,9 @@ def measure_config(cfg: dict) -> dict:
 
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg["threads"]))
+    phases = tuple(cfg.get("phases") or PHASES)
+    if not phases or not set(phases) <= set(PHASES):
+        raise ValueError(f"phases must be a non-empty subset of {PHASES}, got {cfg.get('phases')!r}")
     device = torch.device(cfg["device"])
     floor_kb = cfg.get("floor_kb") or _status_kb("VmRSS")
     torch.manual_seed(0)
@@ -402,17 +412,19 @@ def measure_config(cfg: dict) -> dict:
             train_step()
         row["train_extra_mb"], row["train_peak_mb"] = mem.extra_mb, mem.peak_mb
         return row
-    row["train"] = _time_phase(train_step, device, cfg["warmup"], cfg["repeats"], cfg["budget_s"])
     row["mixer_len"] = max(lengths) if lengths else None
+    if "train" in phases:
+        row["train"] = _time_phase(train_step, device, cfg["warmup"], cfg["repeats"], cfg["budget_s"])
     model.eval()
     row["sample"] = _time_phase(sample_step, device, cfg["warmup"], cfg["repeats"], cfg["budget_s"] / 2)
 
     if device.type == "cpu" and cfg.get("pin_malloc", False):
         row["malloc_pinned"] = _pin_malloc()
-    model.train()
-    with _PeakMemory(device, floor_kb) as mem:
-        train_step()
-    row["train_extra_mb"], row["train_peak_mb"] = mem.extra_mb, mem.peak_mb
+    if "train" in phases:
+        model.train()
+        with _PeakMemory(device, floor_kb) as mem:
+            train_step()
+        row["train_extra_mb"], row["train_peak_mb"] = mem.extra_mb, mem.peak_mb
     model.eval()
     with _PeakMemory(device, floor_kb) as mem:
         sample_step()
@@ -551,14 +563,29 @@ def run_model_benchmark(models=DEFAULT_MODELS, tokens=DEFAULT_TOKENS, dtypes=DTY
     progress(f"  bf16 {rates['bf16'] / 1e9:.1f} GFLOP/s (n={rates['size']['bf16']}), "
              f"fp32 {rates['fp32'] / 1e9:.1f} GFLOP/s (n={rates['size']['fp32']})")
 
-    def measure(cfg):
+    def measure_once(cfg):
         if isolate:
             # warm-up + repeats of both phases, model build and imports: a generous wall-clock limit.
             return _run_isolated(cfg, timeout_s=4 * budget_s + (600 if any_compile else 180))
         try:
             return measure_config(cfg)
         except RuntimeError as e:  # out of memory and the like: keep the row, go on
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
             return {"status": "failed", "reason": str(e).splitlines()[0][:300]}
+
+    def measure(cfg):
+        """measure_once; when the configuration failed (not when it ran out of time), sampling alone is measured
+        again and the result records why training was left out. ``cfg["phases"]`` is then set, so that later
+        rounds measure the phase that worked."""
+        result = measure_once(cfg)
+        if result.get("status") != "failed" or cfg.get("memory_only") or tuple(cfg.get("phases") or PHASES) != PHASES:
+            return result
+        alone = measure_once(dict(cfg, phases=["sample"]))
+        if "status" in alone:
+            return result
+        cfg["phases"] = ["sample"]
+        return dict(alone, train_failed=result["reason"])
 
     rows = []
     measured = []  # [row, cfg, raw result] of every configuration measured in round 1, for the later rounds
@@ -592,7 +619,8 @@ def run_model_benchmark(models=DEFAULT_MODELS, tokens=DEFAULT_TOKENS, dtypes=DTY
                     row.update(result)
                 else:
                     row.update(_derive(result, gflops, b, dtype, rates))
-                    last_cost[(spec, dtype)] = (row["train_step_s"], gflops * b)
+                    if row["train_step_s"] is not None:
+                        last_cost[(spec, dtype)] = (row["train_step_s"], gflops * b)
                     measured.append([row, cfg, result])
                 rows.append(row)
                 progress(_row_line(row))
@@ -647,7 +675,9 @@ def _probe_memory(rows: list[dict], measured: list, measure, progress) -> None:
 def _merge_rounds(a: dict, b: dict) -> dict:
     """Raw results of two rounds of one configuration: every timed step kept, memory the lower reading."""
     out = dict(a)
-    for phase in ("train", "sample"):
+    for phase in PHASES:
+        if phase not in a or phase not in b:
+            continue
         pa, pb = a[phase], b[phase]
         times = pa["times_s"] + pb["times_s"]
         out[phase] = {"median_s": statistics.median(times), "times_s": times, "cpu_s": min(pa["cpu_s"], pb["cpu_s"])}
@@ -660,21 +690,19 @@ def _merge_rounds(a: dict, b: dict) -> dict:
 def _derive(result: dict, gflops: float, batch: int, dtype: str, rates: dict) -> dict:
     """Row fields from a raw result. Step times are the fastest timed step (over repeats and rounds): on a shared
     machine a slower step measures the other jobs too, and the matmul rate that MFU divides by is also the
-    fastest product; the median is kept as ``*_median_s``."""
-    train, sample = result["train"], result["sample"]
-    rate = rates[dtype]
-    t_train, t_sample = min(train["times_s"]), min(sample["times_s"])
-    out = {
-        "status": "ok",
-        "mixer_len": result.get("mixer_len"),
-        "train_step_s": t_train, "train_median_s": train["median_s"], "train_times_s": train["times_s"],
-        "train_cpu_s": train["cpu_s"], "train_ips": batch / t_train,
-        "sample_step_s": t_sample, "sample_median_s": sample["median_s"], "sample_times_s": sample["times_s"],
-        "sample_cpu_s": sample["cpu_s"], "sample_ips": batch / t_sample,
-        # count_flops counts a multiply-add as one flop: x2 for real flops; a training step is ~3 forwards.
-        "train_mfu": 2 * 3 * gflops * 1e9 * batch / t_train / rate,
-        "sample_mfu": 2 * gflops * 1e9 * batch / t_sample / rate,
-    }
+    fastest product; the median is kept as ``*_median_s``. A phase the result lacks (training, when it failed and
+    sampling was measured alone) has its fields None, and the row's status is "partial"."""
+    out = {"status": "ok", "mixer_len": result.get("mixer_len")}
+    # count_flops counts a multiply-add as one flop: x2 for real flops; a training step is ~3 forwards.
+    for phase, passes in (("train", 3), ("sample", 1)):
+        timed = result.get(phase)
+        t = min(timed["times_s"]) if timed else None
+        out.update({f"{phase}_step_s": t, f"{phase}_median_s": timed and timed["median_s"],
+                    f"{phase}_times_s": timed and timed["times_s"], f"{phase}_cpu_s": timed and timed["cpu_s"],
+                    f"{phase}_ips": t and batch / t,
+                    f"{phase}_mfu": t and 2 * passes * gflops * 1e9 * batch / t / rates[dtype]})
+    if result.get("train_failed"):
+        out.update(status="partial", reason=f"training failed ({result['train_failed']}); sampling measured alone")
     for key in ("train_extra_mb", "train_peak_mb", "sample_extra_mb", "sample_peak_mb"):
         out[key] = result.get(key)
     return out
@@ -683,18 +711,20 @@ def _derive(result: dict, gflops: float, batch: int, dtype: str, rates: dict) ->
 def compute_ratios(rows: list[dict]) -> list[dict]:
     """Fill each state-space row's ratios against its DiT pair measured in the same run (same tokens, dtype,
     batch): ``train_speed_ratio`` and ``sample_speed_ratio`` (images/s, SSM / DiT: > 1 means the SSM is faster),
-    ``train_memory_ratio`` and ``sample_memory_ratio`` (extra peak memory, SSM / DiT), ``gflops_ratio``."""
+    ``train_memory_ratio`` and ``sample_memory_ratio`` (extra peak memory, SSM / DiT), ``gflops_ratio``; a phase
+    either side lacks (a "partial" row) has no ratios."""
     index = {(r["model"], r["tokens"], r["dtype"]): r for r in rows}
     for r in rows:
         base = index.get((r.get("baseline"), r["tokens"], r["dtype"])) if r.get("baseline") else None
         if base is None:
             continue
         r["gflops_ratio"] = r["gflops"] / base["gflops"]
-        if r.get("status") != "ok" or base.get("status") != "ok":
+        if r.get("status") not in MEASURED or base.get("status") not in MEASURED:
             continue
-        r["train_speed_ratio"] = r["train_ips"] / base["train_ips"]
-        r["sample_speed_ratio"] = r["sample_ips"] / base["sample_ips"]
-        for phase in ("train", "sample"):
+        for phase in PHASES:
+            if not (r.get(f"{phase}_ips") and base.get(f"{phase}_ips")):
+                continue
+            r[f"{phase}_speed_ratio"] = r[f"{phase}_ips"] / base[f"{phase}_ips"]
             a, b = r.get(f"{phase}_extra_mb"), base.get(f"{phase}_extra_mb")
             r[f"{phase}_memory_ratio"] = a / b if a is not None and b else None
     return rows
@@ -713,20 +743,22 @@ def check_bars(rows: list[dict]) -> dict:
     memory: training extra peak memory of each state-space model grows at most linearly with tokens (allowing 25%
     for allocator slack), judged at one batch size when rows or memory probes (``row["memory_probe"]``) of one batch
     exist at two or more token counts, else per image (extra_mb / batch; "basis" says which). mfu: DiS-B/2 bf16 at
-    1024 tokens trains at >= 25% MFU.
+    1024 tokens trains at >= 25% MFU. A "partial" row (training failed, sampling measured alone) counts for the
+    sampling bars only.
     """
-    ok = [r for r in rows if r.get("status") == "ok"]
+    ok = [r for r in rows if r.get("status") in MEASURED]
     bars = {}
     for n in sorted({r["tokens"] for r in ok if r["tokens"] >= 1024}):
         need = 2.0 if n >= 4096 else 1.0
         for name in sorted({r["name"] for r in ok if r["family"] != "DiT" and r["tokens"] == n}):
-            ssm = [r for r in ok if r["name"] == name and r["tokens"] == n]
-            pair = ssm[0].get("baseline")
-            dit = [r for r in ok if r["name"] == pair and r["tokens"] == n
-                   and not constructor_overrides(r["overrides"])]
-            if not pair or not dit:
-                continue
-            for phase in ("train", "sample"):
+            for phase in PHASES:
+                # rows that measured this phase (a "partial" row has sampling alone)
+                ssm = [r for r in ok if r["name"] == name and r["tokens"] == n and r.get(f"{phase}_ips")]
+                pair = ssm[0].get("baseline") if ssm else None
+                dit = [r for r in ok if r["name"] == pair and r["tokens"] == n and r.get(f"{phase}_ips")
+                       and not constructor_overrides(r["overrides"])]
+                if not pair or not dit:
+                    continue
                 best_ssm = max(ssm, key=lambda r: r[f"{phase}_ips"])
                 best_dit = max(dit, key=lambda r: r[f"{phase}_ips"])
                 ratio = best_ssm[f"{phase}_ips"] / best_dit[f"{phase}_ips"]
@@ -765,7 +797,7 @@ def check_bars(rows: list[dict]) -> dict:
                 bars[f"{spec} {dtype} memory linear in tokens"] = {"met": growth <= 1.25, "growth_vs_linear": growth,
                                                                    "basis": basis}
     for r in ok:
-        if (r["name"] == "DiS-B/2" and r["tokens"] == 1024 and r["dtype"] == "bf16"
+        if (r["name"] == "DiS-B/2" and r["tokens"] == 1024 and r["dtype"] == "bf16" and r.get("train_mfu")
                 and not constructor_overrides(r["overrides"])):
             bars["DiS-B/2 bf16 @1024 train MFU >= 25%"] = {"met": r["train_mfu"] >= 0.25, "mfu": r["train_mfu"]}
     return bars
@@ -777,12 +809,17 @@ def _fmt(x, spec=".1f"):
     return "-" if x is None else format(x, spec)
 
 
+def _pct(x):
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
 def _row_line(r: dict) -> str:
     head = f"{r['model']:<22} {r['tokens']:>5} tok  b{r['batch']:<3} {r['dtype']:<5}"
-    if r.get("status") != "ok":
+    if r.get("status") not in MEASURED:
         return f"{head} {r.get('status')}: {r.get('reason')}"
-    return (f"{head} train {r['train_ips']:7.2f} img/s  sample {r['sample_ips']:7.2f} img/s  "
-            f"mem {_fmt(r.get('train_extra_mb'), '.0f')} MB  MFU {100 * r['train_mfu']:.1f}%")
+    line = (f"{head} train {_fmt(r['train_ips'], '7.2f')} img/s  sample {r['sample_ips']:7.2f} img/s  "
+            f"mem {_fmt(r.get('train_extra_mb'), '.0f')} MB  MFU {_pct(r['train_mfu'])}")
+    return line if r["status"] == "ok" else f"{line}  ({r['reason']})"
 
 
 def format_table(result: dict) -> str:
@@ -798,22 +835,27 @@ def format_table(result: dict) -> str:
               f"{'x train':>7} {'x samp':>7} {'x mem':>6} {'x Gfl':>6}")
     lines += [header, "-" * len(header)]
     for r in sorted(rows, key=lambda r: (r["tokens"], r["dtype"], r["family"] != "DiT", r["model"])):
-        if r.get("status") != "ok":
+        if r.get("status") not in MEASURED:
             lines.append(f"{r['model']:<22} {r['tokens']:>5} {'':>5} {r['input_size']:>4} {r['batch']:>3} "
                          f"{r['dtype']:<5} {r['gflops']:>7.1f}  {r.get('status')}: {r.get('reason')}")
             continue
         lines.append(
             f"{r['model']:<22} {r['tokens']:>5} {_fmt(r.get('mixer_len'), 'd'):>5} {r['input_size']:>4} "
-            f"{r['batch']:>3} {r['dtype']:<5} {r['gflops']:>7.1f} {r['train_ips']:>8.2f} {r['sample_ips']:>8.2f} "
-            f"{_fmt(r.get('train_extra_mb'), '.0f'):>7} {_fmt(r.get('train_peak_mb'), '.0f'):>8} "
-            f"{_fmt(r.get('sample_extra_mb'), '.0f'):>7} {100 * r['train_mfu']:>6.1f}% "
+            f"{r['batch']:>3} {r['dtype']:<5} {r['gflops']:>7.1f} {_fmt(r['train_ips'], '.2f'):>8} "
+            f"{r['sample_ips']:>8.2f} {_fmt(r.get('train_extra_mb'), '.0f'):>7} "
+            f"{_fmt(r.get('train_peak_mb'), '.0f'):>8} {_fmt(r.get('sample_extra_mb'), '.0f'):>7} "
+            f"{_pct(r['train_mfu']):>7} "
             f"{_fmt(r.get('train_speed_ratio'), '.2f'):>7} {_fmt(r.get('sample_speed_ratio'), '.2f'):>7} "
             f"{_fmt(r.get('train_memory_ratio'), '.2f'):>6} {_fmt(r.get('gflops_ratio'), '.2f'):>6}")
     lines.append("tok: image tokens; len: longest sequence a mixer saw; in: input side; b: batch; Gflops: per image "
                  "forward (multiply-add = 1); tr/sa MB: extra peak memory of a train step / sampling forward; tr pk: "
                  "with weights and AdamW state; x ...: SSM / paired DiT, same run (speed > 1 = SSM faster).")
+    partial = [f"{r['model']} {r['tokens']} tok {r['dtype']}: {r['reason']}" for r in rows
+               if r.get("status") == "partial"]
+    if partial:
+        lines.append("sampling alone (train columns '-'): " + "; ".join(partial))
     over = sorted({f"{r['model']} {r['dtype']}" for r in rows
-                   if r.get("status") == "ok" and max(r["train_mfu"], r["sample_mfu"]) > 1.0})
+                   if r.get("status") in MEASURED and max(r["train_mfu"] or 0, r["sample_mfu"]) > 1.0})
     if over:
         lines.append(f"warning: MFU above 100% ({', '.join(over)}): the matmul rate of this run understates the "
                      f"machine (another job during its loop, or a small product); raise --matmul-seconds.")
@@ -838,7 +880,7 @@ def plot_results(result: dict, path) -> Path | None:
     except ImportError:
         return None
     path = Path(path)
-    ok = [r for r in result["rows"] if r.get("status") == "ok"]
+    ok = [r for r in result["rows"] if r.get("status") in MEASURED]
     panels = (("train_ips", "training images/s"), ("sample_ips", "sampling images/s (one step)"),
               ("train_extra_mb", "training extra peak memory (MB)"),
               ("sample_extra_mb", "sampling extra peak memory (MB)"))
@@ -857,7 +899,7 @@ def plot_results(result: dict, path) -> Path | None:
         ax.set_xlabel("image tokens")
         ax.set_title(title, fontsize=10)
         ax.grid(True, alpha=0.3)
-    axes[0].legend(fontsize=7)
+    next((ax for ax in axes if ax.lines), axes[0]).legend(fontsize=7)  # the train panels are empty if none trained
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
