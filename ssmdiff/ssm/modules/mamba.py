@@ -18,6 +18,7 @@ from torch.autograd.function import once_differentiable
 
 from ..ops import _scan_cpu
 from ..ops._scan_cpu import channel_major
+from ..ops.grad import needs_grad
 from ..ops.selective_scan import record_scan_flops, resolve_backend, selective_scan
 from ..ops.products import LowPrecisionBmm, autocast_dtype, linear, low_precision_cpu_dtype
 from .conv import conv_silu
@@ -231,8 +232,7 @@ class _ScanDirection(torch.autograd.Function):
 def _fused_direction(x, z, add, *params) -> bool:
     """Whether ``_ScanDirection`` takes this direction: training on the compiled CPU kernel, products in float32 or
     a natively supported bf16, outside torch.compile (which traces the separate ops)."""
-    return (x.device.type == "cpu" and x.shape[2] > 0 and torch.is_grad_enabled()
-            and any(t is not None and t.requires_grad for t in (x, z, add, *params))
+    return (x.device.type == "cpu" and x.shape[2] > 0 and needs_grad(x, z, add, *params)
             and not torch.compiler.is_compiling() and low_precision_cpu_dtype(x) is None
             and resolve_backend(x.device) == "cpu")
 

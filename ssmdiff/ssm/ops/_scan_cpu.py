@@ -29,6 +29,8 @@ from typing import Optional
 
 import torch
 
+from .grad import needs_grad
+
 CHUNK = 64
 _SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "selective_scan_cpu.cpp"
 _ABI_VERSION = 10
@@ -441,8 +443,7 @@ def selective_scan_cpu(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
     if not available():
         raise RuntimeError("the compiled CPU scan is unavailable; use the 'torch' backend")
     # Grad mode is off inside Function.forward, so whether to keep chunk states is decided here.
-    keep = torch.is_grad_enabled() and any(t is not None and t.requires_grad
-                                           for t in (u, delta, A, B, C, D, z, delta_bias, add))
+    keep = needs_grad(u, delta, A, B, C, D, z, delta_bias, add)
     out, last, _, _ = _scan_fwd(u, delta, A, B, C, D, z, delta_bias, add, bool(delta_softplus), bool(reverse),
                                 keep, bool(gate_add))
     return out, last
@@ -566,7 +567,7 @@ def ssd_channel_major(xc, delta, A, D_rows, E: int, groups: int, head_dim: int, 
     if n not in SSD_STATES or xc.shape[1] != E + 2 * groups * n or E % head_dim or (E // head_dim) % groups:
         raise ValueError(f"ssd_channel_major: bad shapes xc {tuple(xc.shape)}, E={E}, groups={groups}, "
                          f"head_dim={head_dim} (state sizes {SSD_STATES})")
-    keep = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (xc, delta, A, D_rows, add))
+    keep = needs_grad(xc, delta, A, D_rows, add)
     return _ssd_fwd(xc, delta.contiguous(), A, D_rows, add, E, groups, head_dim, bool(reverse), keep)[0]
 
 

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from .grad import needs_grad
+
 DEFAULT_CHUNK = 64
 
 
@@ -63,8 +65,7 @@ def selective_scan_torch(u, delta, A, B, C, D=None, z=None, delta_bias=None, del
     Bt = Bg.transpose(-1, -2).unsqueeze(2)  # (b, g, 1, l, n)
     Ct = Cg.transpose(-1, -2).unsqueeze(2)
     h = uf.new_zeros((b, g, d // g, n))
-    use_ckpt = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (u, delta, A, B, C, delta_bias))
+    use_ckpt = needs_grad(u, delta, A, B, C, delta_bias)
     starts = list(range(0, length, chunk))
     if reverse:
         starts.reverse()

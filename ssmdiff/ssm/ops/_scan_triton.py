@@ -29,6 +29,7 @@ import warnings
 import torch
 
 from ._scan_cpu import add_gradient
+from .grad import needs_grad
 
 __all__ = ["available", "compile_report", "interpreted", "selective_scan_triton", "self_check"]
 
@@ -295,7 +296,7 @@ def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
                  for sl in (slice(0, h), slice(h, b))]
         return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
     tensors = (u, delta, A, B, C, D, z, delta_bias, add)
-    if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)):
+    if not needs_grad(*tensors):
         out, last, _ = _forward(u, delta, A, _bc4(B), _bc4(C), D, z, delta_bias, add, gate_add, delta_softplus,
                                 reverse, False, BT)
         return out, last

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from .counting import record_flops
+from .grad import needs_grad
 from .selective_scan_ref import selective_scan_ref
 
 BACKENDS = ("auto", "cpu", "cuda", "triton", "torch", "ref")
@@ -96,8 +97,7 @@ def _deterministic_choice(backend, *tensors) -> str:
     Triton backward sums dB, dC, dA, dD and the delta bias with atomics, so its gradients are not bitwise
     reproducible. Chosen by "auto", the deterministic PyTorch scan is taken instead; asked for by name, it is an
     error as torch's own nondeterministic ops raise one (a warning in warn-only mode)."""
-    if not (torch.are_deterministic_algorithms_enabled() and torch.is_grad_enabled()
-            and any(t is not None and t.requires_grad for t in tensors)):
+    if not (torch.are_deterministic_algorithms_enabled() and needs_grad(*tensors)):
         return "triton"
     if _requested(backend) == "auto":
         return "torch"
