@@ -541,15 +541,6 @@ def train(
                 f"cannot resume {resume_dir!r}: it was trained with {k}={stored[k]!r}, this run asks for "
                 f"{k}={getattr(cfg, k)!r}; resume with the original settings"
             )
-    du.barrier()
-    if main and cfg.overwrite and not cfg.resume and os.path.isdir(ckpt_root):
-        import shutil
-
-        shutil.rmtree(ckpt_root)
-    if main:
-        os.makedirs(os.path.join(run_dir, "samples"), exist_ok=True)
-    du.barrier()
-
     # ---- data, model, objective (identical initial weights on every rank: same seed before building)
     _set_seed(cfg.seed)
     if dataset is None:
@@ -566,6 +557,16 @@ def train(
         init_record = init_model_from(model, cfg.init_from, ema=cfg.init_ema)
         console(f"initialised from {init_record['checkpoint']} ({init_record['model']} at "
                 f"{init_record['image_size']}px, step {init_record['step']}, {init_record['weights']} weights)", main)
+    # Only now, with data, model and objective built (a bad setting has failed by here), is the run folder made
+    # and, with --overwrite, the old checkpoints removed.
+    du.barrier()
+    if main and cfg.overwrite and not cfg.resume and os.path.isdir(ckpt_root):
+        import shutil
+
+        shutil.rmtree(ckpt_root)
+    if main:
+        os.makedirs(os.path.join(run_dir, "samples"), exist_ok=True)
+    du.barrier()
     model.to(device)
     if device.type == "cpu":
         threads = cfg.threads or (1 if sum(p.numel() for p in model.parameters()) < SMALL_MODEL_PARAMS else None)

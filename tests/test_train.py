@@ -120,6 +120,20 @@ def test_existing_run_needs_resume_or_overwrite(tmp_path):
     assert s["step"] == 2
 
 
+def test_a_bad_setting_fails_before_the_run_folder_is_touched(tmp_path):
+    """A model setting that fails to build leaves no folder for a new run, and with --overwrite it leaves the old
+    run's checkpoints in place (they used to be removed before the model was built)."""
+    run_tiny(tmp_path / "r", steps=2, ckpt_every=10)
+    before = sorted(os.listdir(tmp_path / "r" / "checkpoints"))
+    bad = dict(model="DiT-T/2", model_overrides={"depth": "x"}, overwrite=True)
+    with pytest.raises(ValueError, match="wrong type"):
+        train(tiny_config(tmp_path / "r", **bad), dataset=TensorImages())
+    assert before and sorted(os.listdir(tmp_path / "r" / "checkpoints")) == before
+    with pytest.raises(ValueError, match="wrong type"):
+        train(tiny_config(tmp_path / "new", **bad), dataset=TensorImages())
+    assert not (tmp_path / "new").exists()
+
+
 def test_resume_with_other_settings_is_refused(tmp_path):
     run_tiny(tmp_path / "r", steps=2, ckpt_every=10)
     with pytest.raises(ValueError, match="batch_size"):
