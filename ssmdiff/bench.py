@@ -466,6 +466,21 @@ def _run_isolated(cfg: dict, timeout_s: float) -> dict:
 
 # ------------------------------------------------------------------------------------------------- the benchmark
 
+def _check_spec(name: str, overrides: dict, size: int, num_classes: int) -> None:
+    """Builds the model on the meta device: a bad override fails here, with the spec in the message, instead of
+    after the configurations before it were measured."""
+    import torch
+
+    from .models import create_model
+
+    try:
+        with torch.device("meta"):
+            create_model(name, input_size=size, in_channels=4, num_classes=num_classes,
+                         **constructor_overrides(overrides))
+    except ValueError as e:
+        raise ValueError(f"{format_model_spec(name, overrides)} at input size {size}: {e}") from None
+
+
 def _flops_and_params(name: str, overrides: dict, size: int, num_classes: int) -> tuple[float, int]:
     import torch
 
@@ -522,11 +537,22 @@ def run_model_benchmark(models=DEFAULT_MODELS, tokens=DEFAULT_TOKENS, dtypes=DTY
             if base is not None and (base, "{}") not in have:
                 specs.insert(0, (base, {}))
                 have.add((base, "{}"))
+    for name, overrides in specs:
+        if not isinstance(overrides.get("compile", False), bool):
+            raise ValueError(f"compile must be true or false, got {overrides['compile']!r} in "
+                             f"{format_model_spec(name, overrides)!r}")
+    if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
+        raise ValueError(f"threads must be a positive int, got {threads!r}")
+    if not matmul_seconds > 0:
+        raise ValueError(f"matmul_seconds must be > 0, got {matmul_seconds!r}")
     for d in dtypes:
         if d not in DTYPES:
             raise ValueError(f"unknown dtype {d!r}: choose from {', '.join(DTYPES)}")
     for n in tokens:
         input_size_for("DiT-S/2", n)  # validates: positive perfect square
+    for name, overrides in specs:  # every spec builds at every size (on the meta device) before anything is timed
+        for n in tokens:
+            _check_spec(name, overrides, input_size_for(name, n), num_classes)
     if batch is not None and (not isinstance(batch, int) or batch < 1):
         raise ValueError(f"batch must be a positive int, got {batch!r}")
     if budget_s <= 0 or repeats < 1 or warmup < 0 or not isinstance(rounds, int) or rounds < 1:
@@ -1067,6 +1093,10 @@ def _print_profile(summary: dict, table: str) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     """The options of ``ssmdiff bench`` / ``benchmarks/models.py``."""
+    from .cli import _number
+
+    positive, nonneg = _number(int, "an integer", 1), _number(int, "an integer", 0)
+    seconds = _number(float, "a number of seconds", 0, exclusive=True)
     p = argparse.ArgumentParser(
         prog="ssmdiff bench",
         description="Benchmark state-space backbones against DiT of matched size: training and sampling "
@@ -1074,22 +1104,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--models", nargs="+", default=None,
                    help=f"model names or specs with overrides, e.g. DiS-S/2:mixer=mamba2 or DiT-S/2:compile=true "
                         f"(default: {' '.join(DEFAULT_MODELS)}); each state-space model's DiT pair is added")
-    p.add_argument("--tokens", type=int, nargs="+", default=None,
+    p.add_argument("--tokens", type=positive, nargs="+", default=None,
                    help="image tokens per image, perfect squares (default 256 1024 4096)")
     p.add_argument("--dtype", nargs="+", choices=DTYPES, default=None, help="fp32 and/or bf16 autocast (both)")
-    p.add_argument("--batch", type=int, default=None, help=f"images per step (default {TOKENS_PER_BATCH} // tokens)")
-    p.add_argument("--repeats", type=int, default=None, help="timed steps per phase (default 3; --quick 1)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed steps before timing each phase (default 1)")
-    p.add_argument("--rounds", type=int, default=1,
+    p.add_argument("--batch", type=positive, default=None, help=f"images per step (default {TOKENS_PER_BATCH} // tokens)")
+    p.add_argument("--repeats", type=positive, default=None, help="timed steps per phase (default 3; --quick 1)")
+    p.add_argument("--warmup", type=nonneg, default=1, help="untimed steps before timing each phase (default 1)")
+    p.add_argument("--rounds", type=positive, default=1,
                    help="measure every configuration this many times, round-robin, keeping the fastest step "
                         "(default 1; 2-3 on a shared machine)")
-    p.add_argument("--budget", type=float, default=None,
+    p.add_argument("--budget", type=seconds, default=None,
                    help=f"seconds of timed repeats per phase and configuration (default {DEFAULT_BUDGET_S:.0f}; "
                         f"configurations estimated to take longer are skipped)")
-    p.add_argument("--num-classes", type=int, default=1000, help="class-conditional models (0: unconditional)")
+    p.add_argument("--num-classes", type=nonneg, default=1000, help="class-conditional models (0: unconditional)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
-    p.add_argument("--matmul-seconds", type=float, default=None,
+    p.add_argument("--threads", type=positive, default=None, help="torch threads (default: torch's default)")
+    p.add_argument("--matmul-seconds", type=seconds, default=None,
                    help="seconds per dtype for the matmul-rate loop (default 2; --quick 1)")
     p.add_argument("--compile", action="store_true",
                    help="run every model (DiT included) through torch.compile; compiled in the untimed warm-up")

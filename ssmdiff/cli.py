@@ -92,16 +92,17 @@ def _parse_bool_free_type(tp):
     return tp
 
 
-def _number(convert, what: str, minimum):
-    """An argparse type: ``convert`` the text, then require ``value >= minimum`` (NaN fails too)."""
+def _number(convert, what: str, minimum, exclusive: bool = False):
+    """An argparse type: ``convert`` the text, then require ``value >= minimum`` (``> minimum`` when
+    ``exclusive``; NaN fails too)."""
 
     def parse(s: str):
         try:
             v = convert(s)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {what}, got {s!r}") from None
-        if not v >= minimum:
-            raise argparse.ArgumentTypeError(f"expected {what} >= {minimum}, got {s}")
+        if not (v > minimum if exclusive else v >= minimum):
+            raise argparse.ArgumentTypeError(f"expected {what} {'>' if exclusive else '>='} {minimum}, got {s}")
         return v
 
     return parse

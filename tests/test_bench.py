@@ -64,6 +64,19 @@ def test_token_and_spec_helpers():
 def test_bad_cli_input_exits_cleanly(tmp_path, capsys):
     assert bench.main(["--models", "NotAModel", "--tokens", "16", "--out", str(tmp_path)]) == 2
     assert "unknown model" in capsys.readouterr().err
+    # A bad override fails before anything is measured (it used to fail after its DiT pair had been timed).
+    for spec, message in (("DiS-T/2:mixer=foo", "unknown mixer 'foo'"), ("DiS-T/2:depth=x", "wrong type"),
+                          ("DiS-T/2:compile=maybe", "compile must be true or false")):
+        assert bench.main(["--models", spec, "--tokens", "16", "--no-isolate", "--out", str(tmp_path)]) == 2
+        err = capsys.readouterr()
+        assert message in err.err and "DiT-T/2" not in err.out, (spec, err)
+    for flag, value in (("--batch", "0"), ("--threads", "-2"), ("--budget", "nan"), ("--matmul-seconds", "0"),
+                        ("--warmup", "-1"), ("--num-classes", "-1"), ("--rounds", "0"), ("--tokens", "x")):
+        with pytest.raises(SystemExit) as e:
+            bench.main([flag, value, "--out", str(tmp_path)])
+        assert e.value.code == 2 and f"argument {flag}" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="threads"):
+        bench.run_model_benchmark(["DiT-T/2"], [16], ["fp32"], threads=-2, isolate=False)
 
 
 def _row(model, tokens, dtype, train, sample, gflops, extra_mb, batch=1):

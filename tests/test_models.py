@@ -58,6 +58,11 @@ def test_bad_override_and_inputs():
         m(torch.randn(1, 3, 8, 8), torch.zeros(1))
     with pytest.raises(ValueError, match="mixer"):
         create_model("DiS-T/1", input_size=8, mixer="lstm")
+    # values of the wrong type fail inside the constructors' own checks: one ValueError naming the overrides
+    for name, kw in (("DiS-T/2", {"depth": "x"}), ("DiT-T/2", {"num_heads": "x"}), ("DiM-T/2", {"hidden_size": "x"}),
+                     ("DiffuSSM-T", {"depth": [2]})):
+        with pytest.raises(ValueError, match="wrong type"):
+            create_model(name, input_size=8, **kw)
 
 
 @pytest.mark.parametrize("name", ["DiS-T/2", "DiM-T/1", "DiffuSSM-T", "DiT-T/2"])

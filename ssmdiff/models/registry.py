@@ -97,8 +97,15 @@ def create_model(name: str, input_size: int = 32, in_channels: int = 4, num_clas
         json.dumps(overrides)
     except TypeError as e:
         raise ValueError(f"model overrides must be JSON-serialisable (numbers, strings, lists): {e}") from None
-    model = cls(input_size=input_size, in_channels=in_channels, num_classes=num_classes,
-                learn_sigma=bool(learn_sigma), **kwargs)
+    try:
+        model = cls(input_size=input_size, in_channels=in_channels, num_classes=num_classes,
+                    learn_sigma=bool(learn_sigma), **kwargs)
+    except TypeError as e:
+        if not overrides:
+            raise
+        # a value of the wrong type ("depth": "x") fails inside the constructor's own checks
+        raise ValueError(f"{name}: an override has a value of the wrong type ({e}); overrides: "
+                         f"{json.dumps(overrides)}") from None
     # model.config is diffusers' frozen config (every constructor argument); the registry name completes it.
     model._set_registry_name(name)
     return model
