@@ -596,16 +596,18 @@ def run_model_benchmark(models=DEFAULT_MODELS, tokens=DEFAULT_TOKENS, dtypes=DTY
         try:
             return measure_config(cfg)
         except RuntimeError as e:  # out of memory and the like: keep the row, go on
-            if dev.type == "cuda":
-                torch.cuda.empty_cache()
-            return {"status": "failed", "reason": str(e).splitlines()[0][:300]}
+            reason = str(e).splitlines()[0][:300]
+        if dev.type == "cuda":  # once the exception, and the frames holding the failed step's tensors, are gone
+            torch.cuda.empty_cache()
+        return {"status": "failed", "reason": reason}
 
     def measure(cfg):
         """measure_once; when the configuration failed (not when it ran out of time), sampling alone is measured
         again and the result records why training was left out. ``cfg["phases"]`` is then set, so that later
         rounds measure the phase that worked."""
         result = measure_once(cfg)
-        if result.get("status") != "failed" or cfg.get("memory_only") or tuple(cfg.get("phases") or PHASES) != PHASES:
+        both = tuple(cfg.get("phases") or PHASES) == PHASES
+        if result.get("status") != "failed" or cfg.get("memory_only") or not both:
             return result
         alone = measure_once(dict(cfg, phases=["sample"]))
         if "status" in alone:
@@ -1107,7 +1109,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens", type=positive, nargs="+", default=None,
                    help="image tokens per image, perfect squares (default 256 1024 4096)")
     p.add_argument("--dtype", nargs="+", choices=DTYPES, default=None, help="fp32 and/or bf16 autocast (both)")
-    p.add_argument("--batch", type=positive, default=None, help=f"images per step (default {TOKENS_PER_BATCH} // tokens)")
+    p.add_argument("--batch", type=positive, default=None,
+                   help=f"images per step (default {TOKENS_PER_BATCH} // tokens)")
     p.add_argument("--repeats", type=positive, default=None, help="timed steps per phase (default 3; --quick 1)")
     p.add_argument("--warmup", type=nonneg, default=1, help="untimed steps before timing each phase (default 1)")
     p.add_argument("--rounds", type=positive, default=1,
