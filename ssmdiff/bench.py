@@ -88,6 +88,7 @@ PHASES = ("train", "sample")
 # Row statuses: "ok" (both phases measured), "partial" (the training step failed, sampling measured alone; "reason"
 # says why), "failed" and "skipped" (nothing measured).
 MEASURED = ("ok", "partial")
+MEMORY_FIELDS = ("train_extra_mb", "train_peak_mb", "sample_extra_mb", "sample_peak_mb")
 TOKENS_PER_BATCH = 4096
 MAX_BATCH = 16
 DEFAULT_BUDGET_S = 120.0
@@ -403,14 +404,24 @@ def measure_config(cfg: dict) -> dict:
     row = {"cpu_allocator": cpu_allocator_state()}
     model.train()
     if cfg.get("memory_only"):
-        # A memory probe (see ``run_model_benchmark``): one step to create AdamW's state and warm the allocator, as
-        # the timed steps do before the full measurement, then the measured training step.
-        train_step()
+        # A memory probe (see ``_probe_memory``), in the full measurement's order: one step of each phase to create
+        # AdamW's state and warm the allocator, as the timed steps do, then the measured training step, then the
+        # measured sampling forward.
+        if "train" in phases:
+            train_step()
+        model.eval()
+        sample_step()
         if device.type == "cpu" and cfg.get("pin_malloc", False):
             row["malloc_pinned"] = _pin_malloc()
+        if "train" in phases:
+            model.train()
+            with _PeakMemory(device, floor_kb) as mem:
+                train_step()
+            row["train_extra_mb"], row["train_peak_mb"] = mem.extra_mb, mem.peak_mb
+        model.eval()
         with _PeakMemory(device, floor_kb) as mem:
-            train_step()
-        row["train_extra_mb"], row["train_peak_mb"] = mem.extra_mb, mem.peak_mb
+            sample_step()
+        row["sample_extra_mb"], row["sample_peak_mb"] = mem.extra_mb, mem.peak_mb
         return row
     row["mixer_len"] = max(lengths) if lengths else None
     if "train" in phases:
@@ -509,11 +520,12 @@ def run_model_benchmark(models=DEFAULT_MODELS, tokens=DEFAULT_TOKENS, dtypes=DTY
     on a shared machine hits one measurement of each configuration rather than all of one; a row keeps every timed
     step and reports the fastest (see ``_derive``). compile: every model, DiT included, runs through torch.compile
     (compiled in the untimed warm-up; needs warmup >= 1); a spec's ``compile=true`` does this for that configuration
-    alone. Each row has status "ok", "skipped" or "failed" (with "reason"); ratios against the paired DiT are filled
-    in by ``compute_ratios``. memory_probes: where a state-space model's rows use different batches at different
-    token counts (the default grid: 4 images at 1024 tokens, 1 at 4096), one more training step is measured for
-    memory alone at the smallest of those batches for each row that used a larger one (``row["memory_probe"]``),
-    so that the memory bar compares token counts at one batch size (``check_bars``).
+    alone. Each row has status "ok", "partial" (training failed, sampling measured alone), "skipped" or "failed"
+    (with "reason"); ratios against the paired DiT are filled in by ``compute_ratios``. memory_probes: where a
+    model's rows use different batches at different token counts (the default grid: 4 images at 1024 tokens, 1 at
+    4096), one more training step and sampling forward are measured for memory alone at the smallest of those
+    batches for each row that used a larger one (``row["memory_probe"]``), so that the memory bar and the plot's
+    memory panels compare token counts at one batch size (``check_bars``, ``plot_results``).
     """
     import torch
 
@@ -673,13 +685,14 @@ def run_model_benchmark(models=DEFAULT_MODELS, tokens=DEFAULT_TOKENS, dtypes=DTY
 
 
 def _probe_memory(rows: list[dict], measured: list, measure, progress) -> None:
-    """For each state-space model and dtype measured at several token counts with different batches, the training
+    """For each model and dtype measured at several token counts with different batches, the training and sampling
     memory of every such row at the smallest batch among them: ``row["memory_probe"] = {"batch", "train_extra_mb",
-    "train_peak_mb"}`` (or {"batch", "status", "reason"} when the probe failed)."""
+    "train_peak_mb", "sample_extra_mb", "sample_peak_mb"}`` (or {"batch", "status", "reason"} when the probe
+    failed; the train fields None for a "partial" row). DiT rows are probed too, so that the plot's memory panels
+    compare every model at one batch."""
     groups: dict = {}
     for row, cfg, _ in measured:
-        if row["family"] != "DiT":
-            groups.setdefault((row["model"], row["dtype"]), []).append((row, cfg))
+        groups.setdefault((row["model"], row["dtype"]), []).append((row, cfg))
     for items in groups.values():
         batches = {row["batch"] for row, _ in items}
         if len({row["tokens"] for row, _ in items}) < 2 or len(batches) < 2:
@@ -694,10 +707,10 @@ def _probe_memory(rows: list[dict], measured: list, measure, progress) -> None:
                 progress(f"{row['model']} {row['tokens']} tok b{small} {row['dtype']}: memory probe "
                          f"{result['status']} ({result.get('reason')})")
                 continue
-            row["memory_probe"] = {"batch": small, "train_extra_mb": result["train_extra_mb"],
-                                   "train_peak_mb": result["train_peak_mb"]}
+            row["memory_probe"] = dict({k: result.get(k) for k in MEMORY_FIELDS}, batch=small)
             progress(f"{row['model']:<22} {row['tokens']:5d} tok  b{small:<3d} {row['dtype']:<5} memory probe: "
-                     f"train extra {_fmt(result['train_extra_mb'], '.0f')} MB")
+                     f"train extra {_fmt(result.get('train_extra_mb'), '.0f')} MB, sample extra "
+                     f"{_fmt(result['sample_extra_mb'], '.0f')} MB")
 
 
 def _merge_rounds(a: dict, b: dict) -> dict:
@@ -709,7 +722,7 @@ def _merge_rounds(a: dict, b: dict) -> dict:
         pa, pb = a[phase], b[phase]
         times = pa["times_s"] + pb["times_s"]
         out[phase] = {"median_s": statistics.median(times), "times_s": times, "cpu_s": min(pa["cpu_s"], pb["cpu_s"])}
-    for key in ("train_extra_mb", "train_peak_mb", "sample_extra_mb", "sample_peak_mb"):
+    for key in MEMORY_FIELDS:
         vals = [v for v in (a.get(key), b.get(key)) if v is not None]
         out[key] = min(vals) if vals else None
     return out
@@ -731,7 +744,7 @@ def _derive(result: dict, gflops: float, batch: int, dtype: str, rates: dict) ->
                     f"{phase}_mfu": t and 2 * passes * gflops * 1e9 * batch / t / rates[dtype]})
     if result.get("train_failed"):
         out.update(status="partial", reason=f"training failed ({result['train_failed']}); sampling measured alone")
-    for key in ("train_extra_mb", "train_peak_mb", "sample_extra_mb", "sample_peak_mb"):
+    for key in MEMORY_FIELDS:
         out[key] = result.get(key)
     return out
 
@@ -802,19 +815,14 @@ def check_bars(rows: list[dict]) -> dict:
                     bar["ratio_median"] = med_ssm / med_dit
                     bar["met"] = bar["met"] and bar["ratio_median"] >= need
                 bars[f"{name} {phase} @{n} >= {need:g}x {pair}"] = bar
+    at_one_batch, _ = memory_at_one_batch(ok, "train_extra_mb")
     for spec in sorted({r["model"] for r in ok if r["family"] != "DiT"}):
         for dtype in sorted({r["dtype"] for r in ok}):
             mine = [r for r in ok if r["model"] == spec and r["dtype"] == dtype and r.get("train_extra_mb")]
-            by_batch: dict = {}
-            for r in mine:
-                by_batch.setdefault(r["batch"], {})[r["tokens"]] = r["train_extra_mb"]
-                probe = r.get("memory_probe") or {}
-                if probe.get("train_extra_mb"):
-                    by_batch.setdefault(probe["batch"], {}).setdefault(r["tokens"], probe["train_extra_mb"])
-            same = max(by_batch.items(), key=lambda kv: (len(kv[1]), -kv[0]), default=(None, {}))
-            if len(same[1]) >= 2:
+            same = sorted((r["tokens"], at_one_batch[id(r)]) for r in mine if at_one_batch.get(id(r)))
+            if len(same) >= 2:
                 # Same batch at several lengths: the claim itself (memory vs sequence length, batch fixed).
-                pts, basis = sorted(same[1].items()), f"batch {same[0]}"
+                pts, basis = same, f"batch {min(r['batch'] for r in mine)}"
             else:
                 # The grid's batches shrink as tokens grow; per image, a part that does not scale with the batch
                 # (e.g. an S4D kernel generated once per layer) looks superlinear, so this basis is only a hint.
@@ -897,9 +905,31 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def memory_at_one_batch(rows: list[dict], key: str) -> tuple[dict, set]:
+    """Each measured row's ``key`` (a field of ``MEMORY_FIELDS``) at its series' (model, dtype) smallest batch: the
+    row's own value where it ran at that batch, its memory probe's otherwise (None when neither has it). Returns
+    ({id(row): value} for the rows that measured ``key`` themselves, the batches used)."""
+    series: dict = {}
+    for r in rows:
+        if r.get("status") in MEASURED and r.get(key) is not None:
+            series.setdefault((r["model"], r["dtype"]), []).append(r)
+    values, batches = {}, set()
+    for rs in series.values():
+        small = min(r["batch"] for r in rs)
+        for r in rs:
+            probe = r.get("memory_probe") or {}
+            v = r.get(key) if r["batch"] == small else (probe.get(key) if probe.get("batch") == small else None)
+            values[id(r)] = v
+            if v is not None:
+                batches.add(small)
+    return values, batches
+
+
 def plot_results(result: dict, path) -> Path | None:
     """PNG of training and sampling images/s and training/sampling extra peak memory against tokens (log-log),
-    one line per model and dtype. Returns the path, or None when matplotlib is missing."""
+    one line per model and dtype. Memory is plotted at each series' smallest batch (rows of larger batches through
+    their memory probes, ``memory_at_one_batch``), so that a line shows memory against tokens alone. Returns the
+    path, or None when matplotlib is missing."""
     try:
         import matplotlib
 
@@ -915,9 +945,14 @@ def plot_results(result: dict, path) -> Path | None:
     fig, axes = plt.subplots(1, 4, figsize=(18, 4.2))
     series = sorted({(r["model"], r["dtype"]) for r in ok})
     for ax, (key, title) in zip(axes, panels):
+        if key.endswith("_mb"):
+            values, batches = memory_at_one_batch(ok, key)
+            title += f", batch {', '.join(map(str, sorted(batches)))}" if batches else ""
+        else:
+            values = {id(r): r.get(key) for r in ok}
         for model, dtype in series:
-            pts = sorted((r["tokens"], r[key]) for r in ok
-                         if r["model"] == model and r["dtype"] == dtype and (r.get(key) or 0) > 0)
+            pts = sorted((r["tokens"], values.get(id(r))) for r in ok
+                         if r["model"] == model and r["dtype"] == dtype and (values.get(id(r)) or 0) > 0)
             if pts:
                 ax.plot(*zip(*pts), marker="o", linestyle="--" if model.startswith("DiT") else "-",
                         label=f"{model} {dtype}")
@@ -1127,7 +1162,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true",
                    help="run every model (DiT included) through torch.compile; compiled in the untimed warm-up")
     p.add_argument("--no-memory-probes", action="store_true",
-                   help="skip the extra memory-only training steps that let the memory bar compare token counts at "
+                   help="skip the extra memory-only steps that let the memory bar and plot compare token counts at "
                         "one batch size where the grid's batch changes with tokens")
     p.add_argument("--no-isolate", action="store_true",
                    help="measure in this process instead of one subprocess per configuration (peak memory less exact)")

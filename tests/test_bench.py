@@ -240,8 +240,8 @@ def test_rounds_keep_every_step_and_report_the_fastest(tmp_path):
 
 
 def test_memory_probes_measure_larger_batches_again_at_the_smallest():
-    """Rows of a state-space model at token counts with different batches get a memory-only step at the smallest
-    batch (DiT rows and rows already at that batch do not), and the memory bar is judged on that batch."""
+    """Rows of a model at token counts with different batches get a memory-only training step and sampling forward
+    at the smallest batch (rows already at that batch do not), and the memory bar and plot use that batch."""
     lines = []
     result = bench.run_model_benchmark(["DiS-T/2"], [16, 64], ["fp32"], num_classes=10, warmup=0, repeats=1,
                                        budget_s=5, isolate=False, matmul_seconds=0.1, progress=lines.append)
@@ -255,10 +255,16 @@ def test_memory_probes_measure_larger_batches_again_at_the_smallest():
     small, large = rows[("DiS-T/2", 256)], rows[("DiS-T/2", 1024)]
     assert (small["batch"], large["batch"]) == (16, 4)
     probe = small["memory_probe"]
-    assert probe["batch"] == 4 and probe["train_extra_mb"] > 0 and "memory_probe" not in large
-    assert not any("memory_probe" in r for r in result["rows"] if r["family"] == "DiT")
-    assert any("memory probe: train extra" in line for line in lines)
+    assert probe["batch"] == 4 and probe["train_extra_mb"] > 0 and probe["sample_extra_mb"] > 0
+    assert "memory_probe" not in large
+    # DiT rows are probed too: the plot's memory panels put every model at one batch
+    dit = {r["tokens"]: r for r in result["rows"] if r["family"] == "DiT"}
+    assert dit[256]["memory_probe"]["batch"] == 4 and "memory_probe" not in dit[1024]
+    assert any("memory probe: train extra" in line and "sample extra" in line for line in lines)
     assert result["bars"]["DiS-T/2 fp32 memory linear in tokens"]["basis"] == "batch 4"
+    values, batches = bench.memory_at_one_batch(result["rows"], "sample_extra_mb")
+    assert batches == {4} and values[id(small)] == probe["sample_extra_mb"]
+    assert values[id(large)] == large["sample_extra_mb"]
     off = bench.run_model_benchmark(["DiS-T/2"], [256, 1024], ["fp32"], num_classes=10, warmup=0, repeats=1,
                                     budget_s=5, isolate=False, matmul_seconds=0.1, memory_probes=False,
                                     progress=lambda *_: None)
