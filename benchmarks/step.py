@@ -4,12 +4,14 @@ CPU and inflates the compiled kernels' share), and what AdamW's per-tensor loop 
     python benchmarks/step.py                                    # DiS-S/2, 1024 tokens, batch 4, fp32
     python benchmarks/step.py --model DiS-S/2 --tokens 4096 --batch 1 --dtype bf16
     python benchmarks/step.py --dtype bf16 --toggle ssmdiff.models.dis.SKIP_DROPPED_SAMPLES --steps 8
+    python benchmarks/step.py --model DiS-B/2 --tokens 4096 --dtype bf16 --sample   # one sampling forward instead
 
 Step: the model is built as ``ssmdiff bench`` builds it (allocator tuned, fused AdamW), warmed up, then one step is
 timed plain and one under a TorchDispatchMode that takes the wall time of every op at the dispatch level, where each
 of ssmdiff's compiled-kernel custom ops (selective_scan_fwd/bwd, conv_silu_fwd/bwd, the layout transposes) counts
 as one op, conversions and allocations inside it included. Ops are summed by name (matrix products also by operand
-shapes) and the top ones printed with their share of the plain step.
+shapes) and the top ones printed with their share of the plain step. ``--sample`` breaks down one sampling forward
+(eval and inference mode, the bench's sampling phase) instead, and skips the optimizer comparison.
 
 Optimizer: one AdamW step over the model's parameters with random gradients, the default per-tensor loop against
 ``fused=True``, best of --repeats.
@@ -62,9 +64,11 @@ class _OpTimes(TorchDispatchMode):
 
 
 def step_breakdown(name: str, tokens: int, batch: int, dtype: str, warmup: int = 2, num_classes: int = 1000,
-                   overrides: dict | None = None):
-    """(plain step seconds, step seconds under the op timer, {op: (calls, seconds)})."""
-    step, _ = cpu_training_step(name, tokens, dtype, batch=batch, num_classes=num_classes, overrides=overrides)
+                   overrides: dict | None = None, phase: str = "train"):
+    """(plain step seconds, step seconds under the op timer, {op: (calls, seconds)}); ``phase="sample"``: one
+    sampling forward instead of a training step."""
+    step, _ = cpu_training_step(name, tokens, dtype, batch=batch, num_classes=num_classes, overrides=overrides,
+                                phase=phase)
     for _ in range(warmup):
         step()
     t0 = time.perf_counter()
@@ -147,7 +151,11 @@ def main(argv=None) -> int:
                    help="instead of the breakdown, alternate steps with this module-level switch on and off, e.g. "
                    "ssmdiff.models.dis.SKIP_DROPPED_SAMPLES or ssmdiff.ssm.modules.mamba.FUSED_DIRECTION")
     p.add_argument("--steps", type=int, default=6, help="with --toggle: timed steps per setting")
+    p.add_argument("--sample", action="store_true",
+                   help="break down one sampling forward (eval, inference mode) instead of a training step")
     args = p.parse_args(argv)
+    if args.sample and args.toggle is not None:
+        p.error("--toggle times training steps; it does not combine with --sample")
     if (args.tokens <= 0 or args.top <= 0 or args.repeats <= 0 or args.steps <= 0
             or (args.batch is not None and args.batch <= 0)):
         p.error("--tokens, --batch, --top, --repeats and --steps must be positive")
@@ -174,12 +182,16 @@ def main(argv=None) -> int:
         print(f"  off / on: median {off[0] / on[0]:.4f}  mean {off[1] / on[1]:.4f}  fastest {off[2] / on[2]:.4f}"
               " (above 1: faster with the switch on)")
         return 0
-    plain, timed, ops = step_breakdown(name, args.tokens, batch, args.dtype, overrides=overrides)
-    print(f"{args.model}, {args.tokens} tokens, batch {batch}, {args.dtype}: training step {plain:.2f} s "
+    phase = "sample" if args.sample else "train"
+    plain, timed, ops = step_breakdown(name, args.tokens, batch, args.dtype, overrides=overrides, phase=phase)
+    print(f"{args.model}, {args.tokens} tokens, batch {batch}, {args.dtype}: "
+          f"{'sampling forward' if args.sample else 'training step'} {plain:.2f} s "
           f"({timed:.2f} s under the op timer, {sum(s for _, s in ops.values()):.2f} s inside ops)")
     print(f"  {'seconds':>8} {'share':>6} {'calls':>6}  op")
     for op, (calls, s) in sorted(ops.items(), key=lambda kv: -kv[1][1])[:args.top]:
         print(f"  {s:8.3f} {100 * s / plain:5.1f}% {calls:6d}  {op}")
+    if args.sample:
+        return 0
     o = optimizer_step_ms(name, args.tokens, args.repeats, overrides)
     print(f"AdamW over {o['tensors']} parameter tensors: per-tensor loop {o['loop']:.1f} ms, fused {o['fused']:.1f} ms")
     return 0

@@ -994,10 +994,11 @@ def _category(op: str) -> str:
 
 
 def cpu_training_step(name: str, tokens: int, dtype: str = "fp32", batch: int | None = None,
-                      num_classes: int = 1000, overrides: dict | None = None):
+                      num_classes: int = 1000, overrides: dict | None = None, phase: str = "train"):
     """(step, batch): one CPU optimisation step of ``name`` at ``tokens`` tokens as a closure (forward under the
-    dtype's autocast, MSE loss, backward, fused AdamW), on fixed random data; seeded, so repeatable. Shared by
-    ``--profile`` and ``benchmarks/step.py``."""
+    dtype's autocast, MSE loss, backward, fused AdamW), on fixed random data; seeded, so repeatable. With
+    ``phase="sample"`` the closure is instead one sampling forward (eval mode, inference mode), the bench's sampling
+    phase. Shared by ``--profile`` and ``benchmarks/step.py``."""
     import torch
     import torch.nn.functional as F
 
@@ -1006,6 +1007,8 @@ def cpu_training_step(name: str, tokens: int, dtype: str = "fp32", batch: int | 
 
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}: choose from {', '.join(DTYPES)}")
+    if phase not in PHASES:
+        raise ValueError(f"unknown phase {phase!r}: choose from {', '.join(PHASES)}")
     torch.manual_seed(0)
     size = input_size_for(name, tokens)
     b = batch or default_batch(tokens)
@@ -1025,6 +1028,13 @@ def cpu_training_step(name: str, tokens: int, dtype: str = "fp32", batch: int | 
         F.mse_loss(out[:, :4].float(), noise).backward()
         opt.step()
 
+    def sample_step():
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
+            run(x, t, y)
+
+    if phase == "sample":
+        model.eval()
+        return sample_step, b
     return step, b
 
 

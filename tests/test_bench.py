@@ -359,6 +359,18 @@ def test_step_breakdown_benchmark(capsys, benchmark_module):
     assert "DiS-T/2:mixer=mamba2, 16 tokens" in out
     if _scan_cpu.available():
         assert "ssd_scan_bwd" in out and "selective_scan_bwd" not in out
+    # --sample: one sampling forward split by op, no backward and no optimizer comparison
+    plain, _, ops = mod.step_breakdown("DiS-T/2", 16, 2, "fp32", warmup=1, num_classes=10, phase="sample")
+    assert plain > 0 and not any("bwd" in k or "backward" in k for k in ops)
+    if _scan_cpu.available():
+        assert ops["selective_scan_fwd"][0] > 0
+    assert mod.main(["--model", "DiS-T/2", "--tokens", "16", "--batch", "2", "--top", "3", "--sample"]) == 0
+    out = capsys.readouterr().out
+    assert "sampling forward" in out and "AdamW" not in out
+    with pytest.raises(SystemExit):
+        mod.main(["--sample", "--toggle", "ssmdiff.models.dis.SKIP_DROPPED_SAMPLES"])
+    with pytest.raises(ValueError, match="phase"):
+        mod.step_breakdown("DiS-T/2", 16, 2, "fp32", phase="eval")
     with pytest.raises(SystemExit):
         mod.main(["--tokens", "0"])
     with pytest.raises(SystemExit):
