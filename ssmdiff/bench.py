@@ -401,33 +401,21 @@ def measure_config(cfg: dict) -> dict:
         with torch.inference_mode(), autocast:
             run(x, t, y)
 
-    row = {"cpu_allocator": cpu_allocator_state()}
-    model.train()
+    row = {"cpu_allocator": cpu_allocator_state(), "mixer_len": max(lengths) if lengths else None}
     if cfg.get("memory_only"):
-        # A memory probe (see ``_probe_memory``), in the full measurement's order: one step of each phase to create
-        # AdamW's state and warm the allocator, as the timed steps do, then the measured training step, then the
-        # measured sampling forward.
+        # A memory probe (see ``_probe_memory``): one untimed step of each phase in place of the timed ones (AdamW's
+        # state created, the allocator warm), then the same memory measurements in the same order.
         if "train" in phases:
+            model.train()
             train_step()
         model.eval()
         sample_step()
-        if device.type == "cpu" and cfg.get("pin_malloc", False):
-            row["malloc_pinned"] = _pin_malloc()
+    else:
         if "train" in phases:
             model.train()
-            with _PeakMemory(device, floor_kb) as mem:
-                train_step()
-            row["train_extra_mb"], row["train_peak_mb"] = mem.extra_mb, mem.peak_mb
+            row["train"] = _time_phase(train_step, device, cfg["warmup"], cfg["repeats"], cfg["budget_s"])
         model.eval()
-        with _PeakMemory(device, floor_kb) as mem:
-            sample_step()
-        row["sample_extra_mb"], row["sample_peak_mb"] = mem.extra_mb, mem.peak_mb
-        return row
-    row["mixer_len"] = max(lengths) if lengths else None
-    if "train" in phases:
-        row["train"] = _time_phase(train_step, device, cfg["warmup"], cfg["repeats"], cfg["budget_s"])
-    model.eval()
-    row["sample"] = _time_phase(sample_step, device, cfg["warmup"], cfg["repeats"], cfg["budget_s"] / 2)
+        row["sample"] = _time_phase(sample_step, device, cfg["warmup"], cfg["repeats"], cfg["budget_s"] / 2)
 
     if device.type == "cpu" and cfg.get("pin_malloc", False):
         row["malloc_pinned"] = _pin_malloc()
