@@ -59,7 +59,8 @@ TRITON_TILINGS = ((16, 16, 8, 4), (16, 8, 4, 4), (16, 16, 4, 4), (16, 16, 8, 8),
 def fetch_wheels(folder: Path) -> int:
     """Download the wheels of WHEELS (this environment's versions where installed) into ``folder``."""
     folder.mkdir(parents=True, exist_ok=True)
-    specs = [f"{name}=={_version(name)}" if _version(name) else name for name in WHEELS]
+    versions = {name: _version(name) for name in WHEELS}
+    specs = [f"{name}=={version}" if version else name for name, version in versions.items()]
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-d", str(folder), *specs]
     print(" ".join(cmd))
     return subprocess.call(cmd)

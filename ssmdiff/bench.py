@@ -465,29 +465,19 @@ def _run_isolated(cfg: dict, timeout_s: float) -> dict:
 
 # ------------------------------------------------------------------------------------------------- the benchmark
 
-def _check_spec(name: str, overrides: dict, size: int, num_classes: int) -> None:
-    """Builds the model on the meta device: a bad override fails here, with the spec in the message, instead of
-    after the configurations before it were measured."""
-    import torch
-
-    from .models import create_model
-
-    try:
-        with torch.device("meta"):
-            create_model(name, input_size=size, in_channels=4, num_classes=num_classes,
-                         **constructor_overrides(overrides))
-    except ValueError as e:
-        raise ValueError(f"{format_model_spec(name, overrides)} at input size {size}: {e}") from None
-
-
 def _flops_and_params(name: str, overrides: dict, size: int, num_classes: int) -> tuple[float, int]:
+    """(Gflops, parameters) of the model built on the meta device; a bad override fails here with the spec in the
+    message."""
     import torch
 
     from .models import count_flops, create_model
 
-    with torch.device("meta"):
-        model = create_model(name, input_size=size, in_channels=4, num_classes=num_classes,
-                             **constructor_overrides(overrides))
+    try:
+        with torch.device("meta"):
+            model = create_model(name, input_size=size, in_channels=4, num_classes=num_classes,
+                                 **constructor_overrides(overrides))
+    except ValueError as e:
+        raise ValueError(f"{format_model_spec(name, overrides)} at input size {size}: {e}") from None
     counted = count_flops(model)
     return counted["gflops"], counted["params"]
 
@@ -550,9 +540,6 @@ def run_model_benchmark(models=DEFAULT_MODELS, tokens=DEFAULT_TOKENS, dtypes=DTY
             raise ValueError(f"unknown dtype {d!r}: choose from {', '.join(DTYPES)}")
     for n in tokens:
         input_size_for("DiT-S/2", n)  # validates: positive perfect square
-    for name, overrides in specs:  # every spec builds at every size (on the meta device) before anything is timed
-        for n in tokens:
-            _check_spec(name, overrides, input_size_for(name, n), num_classes)
     if batch is not None and (not isinstance(batch, int) or batch < 1):
         raise ValueError(f"batch must be a positive int, got {batch!r}")
     if budget_s <= 0 or repeats < 1 or warmup < 0 or not isinstance(rounds, int) or rounds < 1:
@@ -566,6 +553,11 @@ def run_model_benchmark(models=DEFAULT_MODELS, tokens=DEFAULT_TOKENS, dtypes=DTY
         raise ValueError(f"unknown device {device!r}: use 'cpu' or 'cuda'") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device 'cuda' asked for but CUDA is not available; use --device cpu")
+    # Every spec is built and counted at every size (on the meta device) before anything is timed: a bad override
+    # fails here, not after the configurations before it were measured.
+    counted = {(format_model_spec(name, overrides), n): _flops_and_params(name, overrides, input_size_for(name, n),
+                                                                          num_classes)
+               for name, overrides in specs for n in tokens}
     if threads:
         torch.set_num_threads(threads)
 
@@ -622,7 +614,7 @@ def run_model_benchmark(models=DEFAULT_MODELS, tokens=DEFAULT_TOKENS, dtypes=DTY
         for name, overrides in specs:
             spec = format_model_spec(name, overrides)
             size = input_size_for(name, n_tokens)
-            gflops, params = _flops_and_params(name, overrides, size, num_classes)
+            gflops, params = counted[(spec, n_tokens)]
             b = batch or default_batch(n_tokens)
             for dtype in dtypes:
                 row = {"model": spec, "name": name, "family": _family(name), "overrides": overrides,

@@ -24,6 +24,8 @@ needs_kernel = pytest.mark.skipif(not _scan_cpu.available(), reason="no C++ comp
 # `TRITON_INTERPRET=1 pytest -k triton` (torch's CPU wheels bring no Triton, so the default run skips these).
 TRITON_CPU = _scan_triton.interpreted() and _scan_triton._triton() is not None
 needs_triton_interpreter = pytest.mark.skipif(not TRITON_CPU, reason="needs Triton and TRITON_INTERPRET=1")
+# Every backend present here that takes ``add`` (the CPU and Triton kernels sum it themselves).
+ADD_BACKENDS = ["ref", "torch"] + (["cpu"] if _scan_cpu.available() else []) + (["triton"] if TRITON_CPU else [])
 
 
 def make_inputs(batch=2, dim=4, length=16, state=16, groups=None, D=True, z=True, bias=True, dtype=torch.float32,
@@ -306,7 +308,7 @@ def test_add_is_summed_into_the_output_with_its_gradient_passed_through(opts, dt
     present = [k for k in NAMES if inputs[k] is not None]
     expected, _, grads_e = run(selective_scan_ref, inputs, grad_out, **kw)
     expected = expected + add.detach().float()
-    for backend in ["ref", "torch"] + (["cpu"] if _scan_cpu.available() else []) + (["triton"] if TRITON_CPU else []):
+    for backend in ADD_BACKENDS:
         out = selective_scan(*(inputs[k] for k in ("u", "delta", "A", "B", "C")), D=inputs["D"], z=inputs["z"],
                              delta_bias=inputs["delta_bias"], add=add, backend=backend, **kw)
         assert out.dtype == inputs["u"].dtype  # the output keeps u's dtype whatever add's is
@@ -338,8 +340,7 @@ def test_gate_add_sums_before_the_gate(state, reverse, dtype):
 
     expected = formula()
     grads_e = torch.autograd.grad(expected, [add] + [inputs[k] for k in present], grad_out)
-    backends = ["ref", "torch"] + (["cpu"] if _scan_cpu.available() else []) + (["triton"] if TRITON_CPU else [])
-    for backend in backends:
+    for backend in ADD_BACKENDS:
         out = selective_scan(*scan_args, D=inputs["D"], z=inputs["z"], delta_bias=inputs["delta_bias"], add=add,
                              gate_add=True, backend=backend, **kw)
         assert out.dtype == inputs["u"].dtype

@@ -290,9 +290,8 @@ def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
     if b > 1 and b * d * max(L, -(-L // BT) * A.shape[1]) >= 2**31:
         # The kernels index with 32-bit offsets: run halves of the batch (autograd sums what they share).
         h = b // 2
-        parts = [selective_scan_triton(*(None if t is None else t[sl] for t in (u, delta)), A,
-                                       B[sl], C[sl], D, None if z is None else z[sl], delta_bias, delta_softplus,
-                                       reverse, None if add is None else add[sl], gate_add)
+        parts = [selective_scan_triton(u[sl], delta[sl], A, B[sl], C[sl], D, None if z is None else z[sl], delta_bias,
+                                       delta_softplus, reverse, None if add is None else add[sl], gate_add)
                  for sl in (slice(0, h), slice(h, b))]
         return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
     tensors = (u, delta, A, B, C, D, z, delta_bias, add)
