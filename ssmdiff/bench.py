@@ -339,6 +339,46 @@ def _mixer_classes():
     return tuple(getattr(modules, n) for n in ("Mamba", "BiMamba", "Mamba2", "BiS4D")) + (dit.Attention,)
 
 
+def _workload(name: str, tokens: int, dtype: str, batch: int, num_classes: int, overrides: dict, device,
+              compile: bool = False):
+    """(model, train_step, sample_step, (x, t, y), autocast): ``name`` at ``tokens`` tokens on ``device`` with fixed random
+    data (seeded, so repeatable) and the two phases as closures. train_step: forward under the dtype's autocast,
+    MSE loss, backward, AdamW (fused where supported); sample_step: one forward under inference mode. Neither sets
+    the model's train/eval mode. With ``compile`` both run the model through torch.compile. Shared by the bench
+    (``measure_config``), ``--profile`` and ``benchmarks/step.py`` (``cpu_training_step``)."""
+    import torch
+    import torch.nn.functional as F
+
+    from .models import create_model
+    from .train import fused_adamw
+
+    torch.manual_seed(0)
+    size = input_size_for(name, tokens)
+    model = create_model(name, input_size=size, in_channels=4, num_classes=num_classes,
+                         **constructor_overrides(overrides)).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0, fused=fused_adamw(device))
+    channels = model.in_channels
+    x = torch.randn(batch, channels, size, size, device=device)
+    noise = torch.randn_like(x)
+    t = torch.randint(0, 1000, (batch,), device=device).float()
+    y = torch.randint(0, num_classes, (batch,), device=device) if num_classes > 0 else None
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16")
+    run = torch.compile(model) if compile else model
+
+    def train_step():
+        opt.zero_grad(set_to_none=True)
+        with autocast:
+            out = run(x, t, y)
+        F.mse_loss(out[:, :channels].float(), noise).backward()
+        opt.step()
+
+    def sample_step():
+        with torch.inference_mode(), autocast:
+            run(x, t, y)
+
+    return model, train_step, sample_step, (x, t, y), autocast
+
+
 def measure_config(cfg: dict) -> dict:
     """Train and sample one configuration in this process; returns the measured fields of its row.
 
@@ -350,10 +390,7 @@ def measure_config(cfg: dict) -> dict:
     cannot train at, e.g. out of memory).
     """
     import torch
-    import torch.nn.functional as F
 
-    from .models import create_model
-    from .train import fused_adamw
     from .utils.alloc import cpu_allocator_state
 
     if cfg.get("threads"):
@@ -363,18 +400,9 @@ def measure_config(cfg: dict) -> dict:
         raise ValueError(f"phases must be a non-empty subset of {PHASES}, got {cfg.get('phases')!r}")
     device = torch.device(cfg["device"])
     floor_kb = cfg.get("floor_kb") or _status_kb("VmRSS")
-    torch.manual_seed(0)
-    name, tokens, batch = cfg["name"], cfg["tokens"], cfg["batch"]
-    size = input_size_for(name, tokens)
-    model = create_model(name, input_size=size, in_channels=4, num_classes=cfg["num_classes"],
-                         **constructor_overrides(cfg.get("overrides", {}))).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0, fused=fused_adamw(device))
-    channels = model.in_channels
-    x = torch.randn(batch, channels, size, size, device=device)
-    noise = torch.randn_like(x)
-    t = torch.randint(0, 1000, (batch,), device=device).float()
-    y = torch.randint(0, cfg["num_classes"], (batch,), device=device) if cfg["num_classes"] > 0 else None
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg["dtype"] == "bf16")
+    model, train_step, sample_step, (x, t, y), autocast = _workload(
+        cfg["name"], cfg["tokens"], cfg["dtype"], cfg["batch"], cfg["num_classes"], cfg.get("overrides", {}), device,
+        compile=bool(cfg.get("compile")))
 
     # The longest sequence any mixer sees (extra, separator and padding tokens included), from one eager forward
     # of one image before timing: hooks left on during the timed steps made a compiled DiS or DiT training step
@@ -386,20 +414,6 @@ def measure_config(cfg: dict) -> dict:
         model(x[:1], t[:1], None if y is None else y[:1])
     for h in hooks:
         h.remove()
-
-    run = torch.compile(model) if cfg.get("compile") else model
-
-    def train_step():
-        opt.zero_grad(set_to_none=True)
-        with autocast:
-            out = run(x, t, y)
-        loss = F.mse_loss(out[:, :channels].float(), noise)
-        loss.backward()
-        opt.step()
-
-    def sample_step():
-        with torch.inference_mode(), autocast:
-            run(x, t, y)
 
     row = {"cpu_allocator": cpu_allocator_state(), "mixer_len": max(lengths) if lengths else None}
     if cfg.get("memory_only"):
@@ -980,42 +994,20 @@ def cpu_training_step(name: str, tokens: int, dtype: str = "fp32", batch: int | 
     ``phase="sample"`` the closure is instead one sampling forward (eval mode, inference mode), the bench's sampling
     phase. Shared by ``--profile`` and ``benchmarks/step.py``."""
     import torch
-    import torch.nn.functional as F
-
-    from .models import create_model
-    from .train import fused_adamw
 
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}: choose from {', '.join(DTYPES)}")
     if phase not in PHASES:
         raise ValueError(f"unknown phase {phase!r}: choose from {', '.join(PHASES)}")
-    torch.manual_seed(0)
-    size = input_size_for(name, tokens)
     b = batch or default_batch(tokens)
-    model = create_model(name, input_size=size, in_channels=4, num_classes=num_classes,
-                         **constructor_overrides(overrides or {})).train()
-    run = torch.compile(model) if (overrides or {}).get("compile") else model
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0, fused=fused_adamw(torch.device("cpu")))
-    x = torch.randn(b, 4, size, size)
-    noise = torch.randn_like(x)
-    t = torch.randint(0, 1000, (b,)).float()
-    y = torch.randint(0, num_classes, (b,)) if num_classes > 0 else None
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
-            out = run(x, t, y)
-        F.mse_loss(out[:, :4].float(), noise).backward()
-        opt.step()
-
-    def sample_step():
-        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
-            run(x, t, y)
-
+    overrides = overrides or {}
+    model, train_step, sample_step, _, _ = _workload(name, tokens, dtype, b, num_classes, overrides, torch.device("cpu"),
+                                                  compile=bool(overrides.get("compile")))
     if phase == "sample":
         model.eval()
         return sample_step, b
-    return step, b
+    model.train()
+    return train_step, b
 
 
 def profile_training_step(name: str = "DiS-S/2", tokens: int = 1024, dtype: str = "bf16", batch: int | None = None,
