@@ -181,9 +181,12 @@ def _bench(models, tokens, dtypes, batch, device, quick: bool, budget_s, out: Pa
 
 def stage_dim_h(device: str, out: Path, quick: bool) -> dict:
     models, tokens, batch = (["DiT-T/2", "DiM-T/2"], [16], 2) if quick else (["DiT-XL/2", "DiM-H/2"], [256], 64)
+    from ssmdiff.bench import MEASURED
+
     result = _bench(models, tokens, ["fp32", "bf16"], batch, device, quick, 10 if quick else 60, out / "dim_h")
-    # "partial": training did not fit (DiM-H/2 trains 862M parameters at batch 64), sampling measured alone
-    rows = [r for r in result["rows"] if r.get("status") in ("ok", "partial")]
+    # MEASURED includes "partial": training did not fit (DiM-H/2 trains 862M parameters at batch 64), sampling
+    # measured alone
+    rows = [r for r in result["rows"] if r.get("status") in MEASURED]
     summary = {f"{r['model']} {r['dtype']}": {"sample_ips": r["sample_ips"], "train_ips": r["train_ips"],
                                               "sample_peak_mb": r.get("sample_peak_mb")} for r in rows}
     dim = [r for r in rows if r["family"] == "DiM" and r["dtype"] == "fp32"]
